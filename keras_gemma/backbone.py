@@ -1,0 +1,266 @@
+"""GemmaBackbone: token ids and a padding mask in, final-normalized hidden states out."""
+
+import math
+
+import keras
+from keras import ops
+
+from keras_gemma.layers.decoder_block import GemmaDecoderBlock
+from keras_gemma.layers.normalization import RMSNormalization
+
+
+@keras.saving.register_keras_serializable(package="keras_gemma")
+class GemmaBackbone(keras.Model):
+    """The Gemma decoder stack, for Gemma 1, 1.1, CodeGemma, Gemma 2 and Gemma 3 (text).
+
+    A functional model from `{"token_ids": int [batch, seq], "padding_mask": [batch, seq]}`
+    to final-normalized hidden states `[batch, seq, hidden_dim]`. Logits come from the tied
+    embedding: `backbone.token_embedding(hidden, reverse=True)` (soft-capped when
+    `final_logit_soft_cap` is set). Argument names follow KerasHub's `GemmaBackbone`; the
+    later generations are switches, all off for Gemma 1.
+
+    Args:
+        vocabulary_size: number of tokens.
+        num_layers: number of decoder blocks.
+        num_query_heads: attention heads for queries.
+        num_key_value_heads: heads for keys and values (1 is multi-query attention).
+        hidden_dim: width of the residual stream.
+        intermediate_dim: twice the feed-forward width (KerasHub's convention).
+        head_dim: width of each attention head.
+        layer_norm_epsilon: epsilon of every RMS norm.
+        dropout: dropout rate while training.
+        query_head_dim_normalize: when `query_pre_attn_scalar` is None, scale queries by
+            `head_dim ** -0.5` (True) or `(hidden_dim / num_query_heads) ** -0.5` (False).
+        query_pre_attn_scalar: queries are scaled by `query_pre_attn_scalar ** -0.5`;
+            overrides `query_head_dim_normalize`.
+        use_post_attention_norm, use_post_ffw_norm: Gemma 2/3 branch-output norms.
+        use_query_key_norm: Gemma 3 RMS norm on queries and keys.
+        attention_logit_soft_cap: Gemma 2's tanh cap on attention logits (50).
+        final_logit_soft_cap: Gemma 2's tanh cap on output logits (30).
+        use_sliding_window_attention: give local layers a sliding window.
+        sliding_window_size: the window of local layers.
+        sliding_window_pattern: every `sliding_window_pattern`-th layer is global (attends
+            to everything); the others are local. Gemma 2: 2; Gemma 3: 6.
+        local_rope_max_wavelength, global_rope_max_wavelength: RoPE bases of local and
+            global layers (Gemma 3: 10,000 and 1,000,000).
+        local_rope_scaling_factor, global_rope_scaling_factor: linear RoPE scaling.
+        dtype: the dtype policy, e.g. "float32", "bfloat16" or "mixed_bfloat16".
+
+    Example:
+    >>> backbone = GemmaBackbone(
+    ...     vocabulary_size=100, num_layers=2, num_query_heads=2, num_key_value_heads=1,
+    ...     hidden_dim=16, intermediate_dim=32, head_dim=8)
+    >>> inputs = {"token_ids": np.array([[2, 5, 7]]), "padding_mask": np.array([[1, 1, 1]])}
+    >>> hidden = backbone(inputs)                       # [1, 3, 16]
+    >>> logits = backbone.token_embedding(hidden, reverse=True)   # [1, 3, 100]
+    """
+
+    def __init__(
+        self,
+        vocabulary_size,
+        num_layers,
+        num_query_heads,
+        num_key_value_heads,
+        hidden_dim,
+        intermediate_dim,
+        head_dim,
+        layer_norm_epsilon=1e-6,
+        dropout=0.0,
+        query_head_dim_normalize=True,
+        query_pre_attn_scalar=None,
+        use_post_attention_norm=False,
+        use_post_ffw_norm=False,
+        use_query_key_norm=False,
+        attention_logit_soft_cap=None,
+        final_logit_soft_cap=None,
+        use_sliding_window_attention=False,
+        sliding_window_size=4096,
+        sliding_window_pattern=2,
+        local_rope_max_wavelength=10000.0,
+        global_rope_max_wavelength=10000.0,
+        local_rope_scaling_factor=1.0,
+        global_rope_scaling_factor=1.0,
+        dtype=None,
+        **kwargs,
+    ):
+        if intermediate_dim % 2:
+            raise ValueError(
+                f"intermediate_dim must be even (it is twice the feed-forward width, "
+                f"KerasHub's convention); got {intermediate_dim}."
+            )
+        if head_dim % 2:
+            raise ValueError(f"head_dim must be even for rotary embeddings; got {head_dim}.")
+        if sliding_window_pattern < 1:
+            raise ValueError(
+                f"sliding_window_pattern must be >= 1; got {sliding_window_pattern}."
+            )
+        scalar = query_pre_attn_scalar
+        if scalar is None:
+            scalar = head_dim if query_head_dim_normalize else hidden_dim // num_query_heads
+
+        # Layers are made as locals and attached after Model.__init__: the torch backend
+        # refuses module attributes before it.
+        token_embedding = keras.layers.ReversibleEmbedding(
+            input_dim=vocabulary_size,
+            output_dim=hidden_dim,
+            tie_weights=True,
+            embeddings_initializer=keras.initializers.VarianceScaling(
+                scale=1.0, mode="fan_in", distribution="untruncated_normal"
+            ),
+            logit_soft_cap=final_logit_soft_cap,
+            dtype=dtype,
+            name="token_embedding",
+        )
+        transformer_layers = []
+        for index in range(num_layers):
+            is_global = self.is_global_layer(
+                index, use_sliding_window_attention, sliding_window_pattern
+            )
+            transformer_layers.append(
+                GemmaDecoderBlock(
+                    hidden_dim=hidden_dim,
+                    intermediate_dim=intermediate_dim,
+                    num_query_heads=num_query_heads,
+                    num_key_value_heads=num_key_value_heads,
+                    head_dim=head_dim,
+                    query_pre_attn_scalar=scalar,
+                    attention_logit_soft_cap=attention_logit_soft_cap,
+                    use_query_key_norm=use_query_key_norm,
+                    rope_max_wavelength=(
+                        global_rope_max_wavelength if is_global else local_rope_max_wavelength
+                    ),
+                    rope_scaling_factor=(
+                        global_rope_scaling_factor if is_global else local_rope_scaling_factor
+                    ),
+                    sliding_window_size=None if is_global else sliding_window_size,
+                    use_post_attention_norm=use_post_attention_norm,
+                    use_post_ffw_norm=use_post_ffw_norm,
+                    layer_norm_epsilon=layer_norm_epsilon,
+                    dropout=dropout,
+                    dtype=dtype,
+                    name=f"decoder_block_{index}",
+                )
+            )
+        final_normalization = RMSNormalization(
+            epsilon=layer_norm_epsilon, dtype=dtype, name="final_normalization"
+        )
+
+        token_ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
+        padding_mask = keras.Input(shape=(None,), dtype="int32", name="padding_mask")
+        x = token_embedding(token_ids)
+        x = x * ops.cast(math.sqrt(hidden_dim), x.dtype)
+        for block in transformer_layers:
+            x = block(x, padding_mask=padding_mask)
+        hidden = final_normalization(x)
+        super().__init__(
+            inputs={"token_ids": token_ids, "padding_mask": padding_mask},
+            outputs=hidden,
+            dtype=dtype,
+            **kwargs,
+        )
+        self.token_embedding = token_embedding
+        self.transformer_layers = transformer_layers
+        self.final_normalization = final_normalization
+
+        self.vocabulary_size = vocabulary_size
+        self.num_layers = num_layers
+        self.num_query_heads = num_query_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.hidden_dim = hidden_dim
+        self.intermediate_dim = intermediate_dim
+        self.head_dim = head_dim
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.dropout = dropout
+        self.query_head_dim_normalize = query_head_dim_normalize
+        self.query_pre_attn_scalar = query_pre_attn_scalar
+        self.use_post_attention_norm = use_post_attention_norm
+        self.use_post_ffw_norm = use_post_ffw_norm
+        self.use_query_key_norm = use_query_key_norm
+        self.attention_logit_soft_cap = attention_logit_soft_cap
+        self.final_logit_soft_cap = final_logit_soft_cap
+        self.use_sliding_window_attention = use_sliding_window_attention
+        self.sliding_window_size = sliding_window_size
+        self.sliding_window_pattern = sliding_window_pattern
+        self.local_rope_max_wavelength = local_rope_max_wavelength
+        self.global_rope_max_wavelength = global_rope_max_wavelength
+        self.local_rope_scaling_factor = local_rope_scaling_factor
+        self.global_rope_scaling_factor = global_rope_scaling_factor
+
+    @staticmethod
+    def is_global_layer(index, use_sliding_window_attention, sliding_window_pattern):
+        """Whether layer `index` attends globally (every `pattern`-th layer, 1-based)."""
+        if not use_sliding_window_attention:
+            return True
+        return (index + 1) % sliding_window_pattern == 0
+
+    def get_config(self):
+        return {
+            "vocabulary_size": self.vocabulary_size,
+            "num_layers": self.num_layers,
+            "num_query_heads": self.num_query_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "hidden_dim": self.hidden_dim,
+            "intermediate_dim": self.intermediate_dim,
+            "head_dim": self.head_dim,
+            "layer_norm_epsilon": self.layer_norm_epsilon,
+            "dropout": self.dropout,
+            "query_head_dim_normalize": self.query_head_dim_normalize,
+            "query_pre_attn_scalar": self.query_pre_attn_scalar,
+            "use_post_attention_norm": self.use_post_attention_norm,
+            "use_post_ffw_norm": self.use_post_ffw_norm,
+            "use_query_key_norm": self.use_query_key_norm,
+            "attention_logit_soft_cap": self.attention_logit_soft_cap,
+            "final_logit_soft_cap": self.final_logit_soft_cap,
+            "use_sliding_window_attention": self.use_sliding_window_attention,
+            "sliding_window_size": self.sliding_window_size,
+            "sliding_window_pattern": self.sliding_window_pattern,
+            "local_rope_max_wavelength": self.local_rope_max_wavelength,
+            "global_rope_max_wavelength": self.global_rope_max_wavelength,
+            "local_rope_scaling_factor": self.local_rope_scaling_factor,
+            "global_rope_scaling_factor": self.global_rope_scaling_factor,
+            "dtype": keras.dtype_policies.serialize(self.dtype_policy),
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        if isinstance(config.get("dtype"), dict):
+            config["dtype"] = keras.dtype_policies.deserialize(config["dtype"])
+        return cls(**config)
+
+    @staticmethod
+    def parameter_count(config):
+        """Number of weights of the architecture `config`, computed without building it.
+
+        Example:
+        >>> GemmaBackbone.parameter_count(dict(vocabulary_size=256000, num_layers=18,
+        ...     num_query_heads=8, num_key_value_heads=1, hidden_dim=2048,
+        ...     intermediate_dim=32768, head_dim=256))
+        2506172416
+        """
+        hidden = config["hidden_dim"]
+        head_dim = config["head_dim"]
+        attention = hidden * head_dim * (
+            2 * config["num_query_heads"] + 2 * config["num_key_value_heads"]
+        )
+        feed_forward = 3 * hidden * (config["intermediate_dim"] // 2)
+        norms = hidden * (
+            2
+            + bool(config.get("use_post_attention_norm"))
+            + bool(config.get("use_post_ffw_norm"))
+        )
+        if config.get("use_query_key_norm"):
+            norms += 2 * head_dim
+        per_layer = attention + feed_forward + norms
+        return config["vocabulary_size"] * hidden + config["num_layers"] * per_layer + hidden
+
+    @classmethod
+    def from_preset(cls, preset, dtype=None, load_weights=True, **kwargs):
+        """Builds a backbone from a preset name, a checkpoint directory or a handle.
+
+        Example:
+        >>> backbone = GemmaBackbone.from_preset("./my_transformers_gemma_dir")
+        """
+        from keras_gemma.checkpoints.loader import load_backbone
+
+        return load_backbone(preset, dtype=dtype, load_weights=load_weights, **kwargs)

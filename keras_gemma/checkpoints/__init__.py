@@ -1,0 +1,1 @@
+"""Every way weights come in and go out."""

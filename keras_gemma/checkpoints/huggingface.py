@@ -1,0 +1,269 @@
+"""Hugging Face transformers checkpoints (config.json + safetensors) <-> GemmaBackbone.
+
+Reads the directory `save_pretrained` writes for `gemma`, `gemma2` and `gemma3_text`
+models (and the text half of multimodal `gemma3`), without importing torch or
+transformers: tensors are memory-mapped from the safetensors files.
+"""
+
+import json
+import os
+
+import numpy as np
+
+from keras_gemma.checkpoints.safetensors_io import read_safetensors
+
+SUPPORTED_MODEL_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma3")
+
+
+def is_transformers_config(config):
+    """Whether a parsed config.json was written by transformers for a Gemma model."""
+    return isinstance(config, dict) and config.get("model_type") in SUPPORTED_MODEL_TYPES
+
+
+def _rope_settings(config, model_type):
+    """(local wavelength, global wavelength, local scaling, global scaling)."""
+
+    def parse(parameters, where):
+        rope_type = parameters.get("rope_type", parameters.get("type", "default"))
+        if rope_type not in ("default", "linear"):
+            raise ValueError(
+                f"config.json: RoPE type {rope_type!r} in {where} is not supported by "
+                "keras_gemma (supported: 'default' and 'linear')."
+            )
+        factor = float(parameters.get("factor", 1.0)) if rope_type == "linear" else 1.0
+        return float(parameters.get("rope_theta", 10000.0)), factor
+
+    parameters = config.get("rope_parameters")
+    if isinstance(parameters, dict) and "full_attention" in parameters:
+        global_theta, global_factor = parse(parameters["full_attention"], "full_attention")
+        local = parameters.get("sliding_attention", parameters["full_attention"])
+        local_theta, local_factor = parse(local, "sliding_attention")
+        return local_theta, global_theta, local_factor, global_factor
+    if isinstance(parameters, dict):
+        theta, factor = parse(parameters, "rope_parameters")
+        return theta, theta, factor, factor
+    # transformers 4.x layout: rope_theta (+ rope_local_base_freq and rope_scaling on Gemma 3,
+    # where the scaling applies to the global layers only).
+    global_theta = float(config.get("rope_theta", 10000.0))
+    scaling = config.get("rope_scaling") or {}
+    _, global_factor = parse({**scaling, "rope_theta": global_theta}, "rope_scaling")
+    if model_type == "gemma3_text":
+        local_theta = float(config.get("rope_local_base_freq", 10000.0))
+        return local_theta, global_theta, 1.0, global_factor
+    return global_theta, global_theta, global_factor, global_factor
+
+
+def _sliding_window_pattern(config, model_type, num_layers):
+    """(use_sliding_window_attention, pattern) from layer_types or the 4.x defaults."""
+    layer_types = config.get("layer_types")
+    if layer_types is None:
+        if model_type == "gemma":
+            return False, 2
+        if model_type == "gemma2":
+            return True, 2
+        return True, int(config.get("sliding_window_pattern", 6))
+    if len(layer_types) != num_layers:
+        raise ValueError(
+            f"config.json: layer_types has {len(layer_types)} entries for {num_layers} layers."
+        )
+    if all(kind == "full_attention" for kind in layer_types):
+        return False, 2
+    first_global = next(
+        (i for i, kind in enumerate(layer_types) if kind == "full_attention"), None
+    )
+    pattern = num_layers + 1 if first_global is None else first_global + 1
+    expected = [
+        "full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+        for i in range(num_layers)
+    ]
+    if list(layer_types) != expected:
+        raise ValueError(
+            "config.json: layer_types does not follow a repeating local/global pattern "
+            f"(every N-th layer global), which keras_gemma needs; got {layer_types}."
+        )
+    return True, pattern
+
+
+def backbone_config_from_transformers(config):
+    """Translates a transformers Gemma config dict into GemmaBackbone arguments.
+
+    Example:
+    >>> backbone_config_from_transformers(json.load(open("config.json")))["hidden_dim"]
+    640
+    """
+    model_type = config.get("model_type")
+    if model_type == "gemma3":
+        config = dict(config.get("text_config") or {})
+        model_type = "gemma3_text"
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"config.json has model_type {model_type!r}; keras_gemma reads transformers "
+            f"checkpoints of model_type {', '.join(SUPPORTED_MODEL_TYPES)}."
+        )
+    activation = config.get("hidden_activation") or config.get("hidden_act") or "gelu_pytorch_tanh"
+    if activation not in ("gelu_pytorch_tanh", "gelu", "gelu_tanh"):
+        raise ValueError(
+            f"config.json: activation {activation!r} is not Gemma's GELU; keras_gemma cannot "
+            "load this model."
+        )
+    try:
+        hidden = int(config["hidden_size"])
+        heads = int(config["num_attention_heads"])
+        num_layers = int(config["num_hidden_layers"])
+        arguments = {
+            "vocabulary_size": int(config["vocab_size"]),
+            "num_layers": num_layers,
+            "num_query_heads": heads,
+            "num_key_value_heads": int(config.get("num_key_value_heads") or heads),
+            "hidden_dim": hidden,
+            "intermediate_dim": 2 * int(config["intermediate_size"]),
+            "head_dim": int(config.get("head_dim") or hidden // heads),
+            "layer_norm_epsilon": float(config.get("rms_norm_eps", 1e-6)),
+        }
+    except KeyError as error:
+        raise ValueError(f"config.json lacks the key {error.args[0]!r}.") from None
+    local_theta, global_theta, local_factor, global_factor = _rope_settings(config, model_type)
+    arguments.update(
+        local_rope_max_wavelength=local_theta,
+        global_rope_max_wavelength=global_theta,
+        local_rope_scaling_factor=local_factor,
+        global_rope_scaling_factor=global_factor,
+    )
+    if model_type == "gemma":
+        return arguments
+    use_sliding, pattern = _sliding_window_pattern(config, model_type, num_layers)
+    window = config.get("sliding_window")
+    arguments.update(
+        query_pre_attn_scalar=config.get("query_pre_attn_scalar", arguments["head_dim"]),
+        use_post_attention_norm=True,
+        use_post_ffw_norm=True,
+        use_query_key_norm=model_type == "gemma3_text",
+        attention_logit_soft_cap=config.get("attn_logit_softcapping"),
+        final_logit_soft_cap=config.get("final_logit_softcapping"),
+        use_sliding_window_attention=use_sliding and window is not None,
+        sliding_window_size=int(window) if window is not None else 4096,
+        sliding_window_pattern=pattern,
+    )
+    return arguments
+
+
+def read_transformers_tensors(directory):
+    """`{name: memory-mapped array}` from model.safetensors or its sharded index."""
+    index_path = os.path.join(directory, "model.safetensors.index.json")
+    single_path = os.path.join(directory, "model.safetensors")
+    if os.path.exists(index_path):
+        with open(index_path) as file:
+            weight_map = json.load(file)["weight_map"]
+        tensors = {}
+        for shard in sorted(set(weight_map.values())):
+            shard_path = os.path.join(directory, shard)
+            if not os.path.exists(shard_path):
+                raise FileNotFoundError(
+                    f"{index_path} names the shard {shard!r}, which is missing from {directory}."
+                )
+            tensors.update(read_safetensors(shard_path))
+        return tensors
+    if os.path.exists(single_path):
+        return read_safetensors(single_path)
+    raise FileNotFoundError(
+        f"{directory} has no model.safetensors (nor model.safetensors.index.json). "
+        "keras_gemma reads safetensors only: never pickled .bin files, which can run code."
+    )
+
+
+def _language_model_prefix(names):
+    for name in names:
+        if name.endswith("embed_tokens.weight"):
+            return name[: -len("embed_tokens.weight")]
+    raise ValueError("the checkpoint has no '*embed_tokens.weight' tensor: it is not a Gemma model.")
+
+
+def transformers_weight_map(backbone, tensor_names):
+    """Pairs each backbone variable with (checkpoint name, transform from numpy)."""
+    prefix = _language_model_prefix(tensor_names)
+    heads = backbone.num_query_heads
+    kv_heads = backbone.num_key_value_heads
+    head_dim = backbone.head_dim
+    hidden = backbone.hidden_dim
+
+    def heads_in(count):
+        # [count * head_dim, hidden] -> [count, hidden, head_dim]
+        return lambda w: w.reshape(count, head_dim, hidden).transpose(0, 2, 1)
+
+    def heads_out(w):
+        # [hidden, heads * head_dim] -> [heads, head_dim, hidden]
+        return w.reshape(hidden, heads, head_dim).transpose(1, 2, 0)
+
+    def same(w):
+        return w
+
+    def transpose(w):
+        return w.T
+
+    pairs = [
+        (backbone.token_embedding.embeddings, prefix + "embed_tokens.weight", same),
+        (backbone.final_normalization.scale, prefix + "norm.weight", same),
+    ]
+    for index, block in enumerate(backbone.transformer_layers):
+        name = f"{prefix}layers.{index}."
+        attention = block.attention
+        ffn = block.feed_forward
+        pairs += [
+            (block.pre_attention_norm.scale, name + "input_layernorm.weight", same),
+            (attention.query_dense.kernel, name + "self_attn.q_proj.weight", heads_in(heads)),
+            (attention.key_dense.kernel, name + "self_attn.k_proj.weight", heads_in(kv_heads)),
+            (attention.value_dense.kernel, name + "self_attn.v_proj.weight", heads_in(kv_heads)),
+            (attention.output_dense.kernel, name + "self_attn.o_proj.weight", heads_out),
+            (ffn.gate_dense.kernel, name + "mlp.gate_proj.weight", transpose),
+            (ffn.up_dense.kernel, name + "mlp.up_proj.weight", transpose),
+            (ffn.down_dense.kernel, name + "mlp.down_proj.weight", transpose),
+        ]
+        if block.post_attention_norm is not None:
+            pairs += [
+                (block.post_attention_norm.scale, name + "post_attention_layernorm.weight", same),
+                (block.pre_ffw_norm.scale, name + "pre_feedforward_layernorm.weight", same),
+            ]
+        else:
+            # Gemma 1 calls its pre-FFN norm "post_attention_layernorm".
+            pairs.append((block.pre_ffw_norm.scale, name + "post_attention_layernorm.weight", same))
+        if block.post_ffw_norm is not None:
+            pairs.append((block.post_ffw_norm.scale, name + "post_feedforward_layernorm.weight", same))
+        if attention.use_query_key_norm:
+            pairs += [
+                (attention.query_norm.scale, name + "self_attn.q_norm.weight", same),
+                (attention.key_norm.scale, name + "self_attn.k_norm.weight", same),
+            ]
+    return prefix, pairs
+
+
+def assign_checked(variable, value, source_name):
+    """Assigns a numpy array to a Keras variable after checking its shape."""
+    if tuple(value.shape) != tuple(variable.shape):
+        raise ValueError(
+            f"shape mismatch for {variable.path} (from {source_name!r}): the checkpoint has "
+            f"{tuple(value.shape)}, the model expects {tuple(variable.shape)}."
+        )
+    variable.assign(np.asarray(value, dtype=variable.dtype))
+
+
+def load_transformers_weights(backbone, directory):
+    """Fills `backbone` with the weights of the transformers checkpoint in `directory`."""
+    tensors = read_transformers_tensors(directory)
+    prefix, pairs = transformers_weight_map(backbone, tensors.keys())
+    used = set()
+    for variable, name, transform in pairs:
+        if name not in tensors:
+            raise ValueError(f"{directory}: the checkpoint lacks the tensor {name!r}.")
+        assign_checked(variable, transform(tensors[name]), name)
+        used.add(name)
+    # lm_head is the tied embedding in Gemma; other models' towers live outside the prefix.
+    unknown = sorted(
+        name
+        for name in tensors
+        if name.startswith(prefix) and name not in used and not name.endswith("lm_head.weight")
+    )
+    if unknown:
+        raise ValueError(
+            f"{directory}: the checkpoint has tensors this architecture does not use: "
+            f"{unknown[:5]}{' ...' if len(unknown) > 5 else ''}. Is config.json the right one?"
+        )

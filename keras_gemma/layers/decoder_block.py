@@ -1,0 +1,181 @@
+"""One Gemma decoder block."""
+
+import keras
+
+from keras_gemma.layers.attention import GemmaAttention, compute_attention_mask
+from keras_gemma.layers.feed_forward import GemmaFeedForward
+from keras_gemma.layers.normalization import RMSNormalization
+
+
+@keras.saving.register_keras_serializable(package="keras_gemma")
+class GemmaDecoderBlock(keras.layers.Layer):
+    """norm -> attention -> (post-norm) -> residual -> norm -> FFN -> (post-norm) -> residual.
+
+    The same block serves every generation: Gemma 1 has no post-norms and no window;
+    Gemma 2 adds post-norms, an attention soft-cap and a sliding window on alternate
+    layers; Gemma 3 adds QK-norm and per-layer RoPE wavelengths.
+
+    Args:
+        hidden_dim, intermediate_dim, num_query_heads, num_key_value_heads, head_dim,
+        query_pre_attn_scalar, attention_logit_soft_cap, use_query_key_norm,
+        rope_max_wavelength, rope_scaling_factor: as in `GemmaAttention` and
+            `GemmaFeedForward`.
+        sliding_window_size: if set, this layer only attends to the last
+            `sliding_window_size` positions (the query's own included).
+        use_post_attention_norm, use_post_ffw_norm: normalize each branch's output
+            before the residual add.
+        layer_norm_epsilon: epsilon of every norm in the block.
+        dropout: dropout rate while training.
+
+    Example:
+    >>> block = GemmaDecoderBlock(16, 64, 2, 1, 8, query_pre_attn_scalar=8)
+    >>> block(keras.ops.ones((1, 4, 16)), padding_mask=keras.ops.ones((1, 4))).shape
+    (1, 4, 16)
+    """
+
+    def __init__(
+        self,
+        hidden_dim,
+        intermediate_dim,
+        num_query_heads,
+        num_key_value_heads,
+        head_dim,
+        query_pre_attn_scalar,
+        attention_logit_soft_cap=None,
+        use_query_key_norm=False,
+        rope_max_wavelength=10000.0,
+        rope_scaling_factor=1.0,
+        sliding_window_size=None,
+        use_post_attention_norm=False,
+        use_post_ffw_norm=False,
+        layer_norm_epsilon=1e-6,
+        dropout=0.0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.hidden_dim = hidden_dim
+        self.intermediate_dim = intermediate_dim
+        self.num_query_heads = num_query_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.head_dim = head_dim
+        self.query_pre_attn_scalar = query_pre_attn_scalar
+        self.attention_logit_soft_cap = attention_logit_soft_cap
+        self.use_query_key_norm = use_query_key_norm
+        self.rope_max_wavelength = rope_max_wavelength
+        self.rope_scaling_factor = rope_scaling_factor
+        self.sliding_window_size = sliding_window_size
+        self.use_post_attention_norm = use_post_attention_norm
+        self.use_post_ffw_norm = use_post_ffw_norm
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.dropout = dropout
+
+        policy = self.dtype_policy
+
+        def norm(name):
+            return RMSNormalization(epsilon=layer_norm_epsilon, dtype=policy, name=name)
+
+        self.pre_attention_norm = norm("pre_attention_norm")
+        self.attention = GemmaAttention(
+            num_query_heads=num_query_heads,
+            num_key_value_heads=num_key_value_heads,
+            head_dim=head_dim,
+            query_pre_attn_scalar=query_pre_attn_scalar,
+            attention_logit_soft_cap=attention_logit_soft_cap,
+            use_query_key_norm=use_query_key_norm,
+            rope_max_wavelength=rope_max_wavelength,
+            rope_scaling_factor=rope_scaling_factor,
+            layer_norm_epsilon=layer_norm_epsilon,
+            dropout=dropout,
+            dtype=policy,
+            name="attention",
+        )
+        self.post_attention_norm = norm("post_attention_norm") if use_post_attention_norm else None
+        self.pre_ffw_norm = norm("pre_ffw_norm")
+        self.feed_forward = GemmaFeedForward(
+            intermediate_dim=intermediate_dim, dtype=policy, name="feed_forward"
+        )
+        self.post_ffw_norm = norm("post_ffw_norm") if use_post_ffw_norm else None
+        self.dropout_layer = keras.layers.Dropout(dropout, dtype=policy)
+
+    def build(self, input_shape):
+        for layer in (
+            self.pre_attention_norm,
+            self.attention,
+            self.post_attention_norm,
+            self.pre_ffw_norm,
+            self.feed_forward,
+            self.post_ffw_norm,
+        ):
+            if layer is not None:
+                layer.build(input_shape)
+        self.built = True
+
+    def call(
+        self,
+        inputs,
+        padding_mask=None,
+        cache=None,
+        cache_update_index=0,
+        training=False,
+    ):
+        """Runs the block on `inputs` [batch, seq, hidden].
+
+        `padding_mask` [batch, keys] marks real tokens (keys are the inputs, or the cache's
+        positions when a cache [batch, 2, max_length, kv_heads, head_dim] is given). With a
+        cache, returns `(outputs, updated_cache)`.
+        """
+        query_length = keras.ops.shape(inputs)[1]
+        key_length = query_length if cache is None else keras.ops.shape(cache)[2]
+        mask = compute_attention_mask(
+            query_length,
+            key_length,
+            start_index=cache_update_index,
+            padding_mask=padding_mask,
+            sliding_window_size=self.sliding_window_size,
+        )
+        x = self.pre_attention_norm(inputs)
+        attended = self.attention(
+            x,
+            attention_mask=mask,
+            cache=cache,
+            cache_update_index=cache_update_index,
+            training=training,
+        )
+        if cache is not None:
+            attended, cache = attended
+        if self.post_attention_norm is not None:
+            attended = self.post_attention_norm(attended)
+        x = inputs + self.dropout_layer(attended, training=training)
+        transformed = self.feed_forward(self.pre_ffw_norm(x))
+        if self.post_ffw_norm is not None:
+            transformed = self.post_ffw_norm(transformed)
+        x = x + self.dropout_layer(transformed, training=training)
+        if cache is not None:
+            return x, cache
+        return x
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "hidden_dim": self.hidden_dim,
+                "intermediate_dim": self.intermediate_dim,
+                "num_query_heads": self.num_query_heads,
+                "num_key_value_heads": self.num_key_value_heads,
+                "head_dim": self.head_dim,
+                "query_pre_attn_scalar": self.query_pre_attn_scalar,
+                "attention_logit_soft_cap": self.attention_logit_soft_cap,
+                "use_query_key_norm": self.use_query_key_norm,
+                "rope_max_wavelength": self.rope_max_wavelength,
+                "rope_scaling_factor": self.rope_scaling_factor,
+                "sliding_window_size": self.sliding_window_size,
+                "use_post_attention_norm": self.use_post_attention_norm,
+                "use_post_ffw_norm": self.use_post_ffw_norm,
+                "layer_norm_epsilon": self.layer_norm_epsilon,
+                "dropout": self.dropout,
+            }
+        )
+        return config

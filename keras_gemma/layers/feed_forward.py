@@ -1,0 +1,51 @@
+"""Gemma's gated feed-forward network."""
+
+import keras
+from keras import ops
+
+
+@keras.saving.register_keras_serializable(package="keras_gemma")
+class GemmaFeedForward(keras.layers.Layer):
+    """GELU-gated feed-forward: `down(gelu_tanh(gate(x)) * up(x))`.
+
+    `intermediate_dim` follows KerasHub's convention: it is twice the width of the gate and
+    up projections (gemma_2b_en: 32768, so the projections are 16384 wide).
+
+    Args:
+        intermediate_dim: twice the FFN width.
+
+    Example:
+    >>> ffn = GemmaFeedForward(intermediate_dim=64)
+    >>> ffn(keras.ops.ones((2, 3, 16))).shape
+    (2, 3, 16)
+    """
+
+    def __init__(self, intermediate_dim, **kwargs):
+        super().__init__(**kwargs)
+        self.intermediate_dim = intermediate_dim
+
+    def build(self, input_shape):
+        hidden_dim = input_shape[-1]
+        width = self.intermediate_dim // 2
+        self.gate_dense = keras.layers.EinsumDense(
+            "btd,df->btf", output_shape=(None, width), dtype=self.dtype_policy, name="gate"
+        )
+        self.gate_dense.build(input_shape)
+        self.up_dense = keras.layers.EinsumDense(
+            "btd,df->btf", output_shape=(None, width), dtype=self.dtype_policy, name="up"
+        )
+        self.up_dense.build(input_shape)
+        self.down_dense = keras.layers.EinsumDense(
+            "btf,fd->btd", output_shape=(None, hidden_dim), dtype=self.dtype_policy, name="down"
+        )
+        self.down_dense.build((None, None, width))
+        self.built = True
+
+    def call(self, inputs):
+        gate = keras.activations.gelu(self.gate_dense(inputs), approximate=True)
+        return self.down_dense(gate * self.up_dense(inputs))
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"intermediate_dim": self.intermediate_dim})
+        return config

@@ -1,0 +1,210 @@
+"""GemmaCausalLMPreprocessor: strings -> packed ids, masks and next-token labels, and back.
+
+Like the tokenizer it wraps, it runs eagerly on Python / numpy data on every Keras backend
+(outputs are numpy) and inside tf.data / tf.function graphs (outputs are tf tensors).
+"""
+
+import warnings
+
+import keras
+import numpy as np
+
+from keras_gemma.tokenizer import GemmaTokenizer
+from keras_gemma.tokenizer import _in_tf_graph
+from keras_gemma.tokenizer import _to_python
+
+
+def _check_sequence_length(value):
+    # Training packs sequence_length + 1 ids and shifts by one, so 2 is the least length that
+    # leaves a token to predict from and a token to predict.
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 2:
+        raise ValueError(
+            f"GemmaCausalLMPreprocessor: `sequence_length` must be an integer >= 2. Received: {value!r}."
+        )
+    return int(value)
+
+
+@keras.saving.register_keras_serializable(package="keras_gemma")
+class GemmaCausalLMPreprocessor(keras.layers.Layer):
+    """Preprocessing for Gemma causal language modeling.
+
+    Calling the layer on strings gives `(x, y, sample_weight)` for `fit()`: each string becomes
+    `<bos> + ids + <eos>`, is truncated (the end token is kept) and padded to
+    `sequence_length + 1`, and then `x = {"token_ids": ids[:-1], "padding_mask": mask[:-1]}`,
+    `y = ids[1:]`, `sample_weight = mask[1:]`. `generate_preprocess()` packs prompts for
+    generation (a start token, no end token); `generate_postprocess()` turns generated ids back
+    into strings without pad, bos, eos or chat turn markers.
+
+    Args:
+        tokenizer: a `keras_gemma.GemmaTokenizer` (without its own `sequence_length`).
+        sequence_length: the length of the packed model inputs.
+        add_start_token: whether to put `<bos>` first.
+        add_end_token: whether to put `<eos>` last when calling for training.
+
+    Example:
+    ```python
+    preprocessor = keras_gemma.GemmaCausalLMPreprocessor(tokenizer, sequence_length=8)
+    x, y, sample_weight = preprocessor(["The quick brown fox.", "Hi"])
+    x["token_ids"].shape                                   # (2, 8)
+    ds = tf.data.Dataset.from_tensor_slices(texts).batch(4).map(preprocessor)
+    prompt = preprocessor.generate_preprocess(["Say hi:"])  # <bos> + ids, no <eos>
+    preprocessor.generate_postprocess(prompt)               # ["Say hi:"]
+    ```
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        sequence_length=1024,
+        add_start_token=True,
+        add_end_token=True,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self._convert_input_args = False
+        self._allow_non_tensor_positional_args = True
+        self.built = True
+        if not isinstance(tokenizer, GemmaTokenizer):
+            raise TypeError(
+                "GemmaCausalLMPreprocessor: `tokenizer` must be a keras_gemma.GemmaTokenizer. "
+                f"Received: {type(tokenizer).__name__}."
+            )
+        if tokenizer.sequence_length is not None:
+            raise ValueError(
+                "GemmaCausalLMPreprocessor: pass a tokenizer without `sequence_length`; the "
+                "preprocessor pads and truncates to its own `sequence_length`."
+            )
+        self.tokenizer = tokenizer
+        self.sequence_length = sequence_length
+        self.add_start_token = bool(add_start_token)
+        self.add_end_token = bool(add_end_token)
+
+    @property
+    def sequence_length(self):
+        """The padded length of the model inputs."""
+        return self._sequence_length
+
+    @sequence_length.setter
+    def sequence_length(self, value):
+        self._sequence_length = _check_sequence_length(value)
+
+    def call(self, x, y=None, sample_weight=None, sequence_length=None):
+        if y is not None or sample_weight is not None:
+            warnings.warn(
+                "GemmaCausalLMPreprocessor computes `y` and `sample_weight` from `x` (the next "
+                "token at each position); the `y` / `sample_weight` passed in are ignored.",
+                stacklevel=2,
+            )
+        length = self._length(sequence_length)
+        # One extra position, because the inputs and the labels are the same ids shifted by one.
+        ids, mask = self._pack(x, length + 1, self.add_start_token, self.add_end_token)
+        x = {"token_ids": ids[..., :-1], "padding_mask": mask[..., :-1]}
+        return keras.utils.pack_x_y_sample_weight(x, ids[..., 1:], mask[..., 1:])
+
+    def generate_preprocess(self, x, sequence_length=None):
+        """Strings -> `{"token_ids", "padding_mask"}` for generation: `<bos>`, no `<eos>`."""
+        # No end token: generation continues from the end of the prompt.
+        ids, mask = self._pack(x, self._length(sequence_length), self.add_start_token, False)
+        return {"token_ids": ids, "padding_mask": mask}
+
+    def generate_postprocess(self, x):
+        """`{"token_ids", "padding_mask"}` -> strings, with padding and special tokens removed."""
+        if not isinstance(x, dict) or "token_ids" not in x or "padding_mask" not in x:
+            raise TypeError(
+                "GemmaCausalLMPreprocessor.generate_postprocess expects a dict with 'token_ids' "
+                "and 'padding_mask'."
+            )
+        special = self.tokenizer.special_token_ids
+        if _in_tf_graph():
+            import tensorflow as tf
+
+            ids = tf.cast(x["token_ids"], "int32")
+            keep = tf.cast(x["padding_mask"], "bool")
+            for token in special:
+                keep = keep & (ids != token)
+            return self.tokenizer.detokenize(tf.ragged.boolean_mask(ids, keep))
+        ids = np.asarray(_to_python(x["token_ids"]))
+        keep = np.asarray(_to_python(x["padding_mask"])).astype(bool)
+        if ids.shape != keep.shape:
+            raise ValueError(
+                "GemmaCausalLMPreprocessor.generate_postprocess: token_ids and padding_mask have "
+                f"different shapes {ids.shape} and {keep.shape}."
+            )
+        keep &= ~np.isin(ids, special)
+        if ids.ndim == 1:
+            return self.tokenizer.detokenize(ids[keep].tolist())
+        return [self.tokenizer.detokenize(row[k].tolist()) for row, k in zip(ids, keep)]
+
+    def _length(self, sequence_length):
+        if sequence_length is None:
+            return self.sequence_length
+        return _check_sequence_length(sequence_length)
+
+    def _pack(self, x, length, add_start, add_end):
+        """Tokenize, truncate (keeping start/end tokens) and right-pad to `length`."""
+        start = [self.tokenizer.start_token_id] if add_start else []
+        end = [self.tokenizer.end_token_id] if add_end else []
+        keep = length - len(start) - len(end)
+        if _in_tf_graph():
+            return self._pack_tf(x, length, start, end, keep)
+        rows = self.tokenizer.tokenize(x)
+        single = isinstance(rows, np.ndarray)
+        if single:
+            rows = [rows.tolist()]
+        elif any(not _is_id_list(row) for row in rows):
+            raise ValueError(
+                "GemmaCausalLMPreprocessor expects a string or a 1-D batch of strings; received "
+                "a nested batch."
+            )
+        ids = np.full((len(rows), length), self.tokenizer.pad_token_id, dtype="int32")
+        mask = np.zeros((len(rows), length), dtype=bool)
+        for i, row in enumerate(rows):
+            packed = start + row[:keep] + end
+            ids[i, : len(packed)] = packed
+            mask[i, : len(packed)] = True
+        return (ids[0], mask[0]) if single else (ids, mask)
+
+    def _pack_tf(self, x, length, start, end, keep):
+        import tensorflow as tf
+
+        rows = self.tokenizer.tokenize(x)
+        single = not isinstance(rows, tf.RaggedTensor)
+        if single:
+            rows = tf.RaggedTensor.from_tensor(rows[tf.newaxis])
+        if rows.shape.rank != 2:
+            raise ValueError(
+                "GemmaCausalLMPreprocessor expects a string or a 1-D batch of strings; received "
+                f"a batch of rank {rows.shape.rank - 1}."
+            )
+        rows = rows[:, :keep]
+        batch = rows.nrows()
+        parts = [tf.RaggedTensor.from_tensor(tf.fill([batch, 1], v)) for v in start]
+        parts += [rows]
+        parts += [tf.RaggedTensor.from_tensor(tf.fill([batch, 1], v)) for v in end]
+        rows = tf.concat(parts, axis=1) if len(parts) > 1 else rows
+        ids = rows.to_tensor(default_value=self.tokenizer.pad_token_id, shape=[None, length])
+        mask = tf.ones_like(rows, dtype="bool").to_tensor(default_value=False, shape=[None, length])
+        return (ids[0], mask[0]) if single else (ids, mask)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "tokenizer": keras.saving.serialize_keras_object(self.tokenizer),
+                "sequence_length": self.sequence_length,
+                "add_start_token": self.add_start_token,
+                "add_end_token": self.add_end_token,
+            }
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        if isinstance(config.get("tokenizer"), dict):
+            config["tokenizer"] = keras.saving.deserialize_keras_object(config["tokenizer"])
+        return cls(**config)
+
+
+def _is_id_list(row):
+    return isinstance(row, list) and all(isinstance(v, int) for v in row)

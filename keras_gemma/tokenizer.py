@@ -1,0 +1,470 @@
+"""GemmaTokenizer: Gemma's SentencePiece vocabulary as a Keras layer.
+
+Two engines run the same model file and give the same ids:
+- eagerly, the `sentencepiece` package, whatever the input (tf, jax or torch tensors are first
+  read into numpy), so outputs are numpy / Python on every backend and TensorFlow is not needed;
+- inside tf.data / tf.function graphs, `tensorflow_text` (outputs are tf tensors, ragged for a
+  batch unless `sequence_length` is set).
+TensorFlow is never imported by this module: if it was not imported already, no graph can be
+tracing us.
+"""
+
+import base64
+import os
+import sys
+
+import keras
+import numpy as np
+import sentencepiece as spm
+
+TOKENIZER_FILENAME = "tokenizer.model"
+
+_CHAT_ROLES = {"user": "user", "model": "model", "assistant": "model"}
+
+
+def _tf_module():
+    """TensorFlow, imported on first need (it takes seconds and may be absent)."""
+    import tensorflow as tf
+
+    return tf
+
+
+def _in_tf_graph():
+    # If TensorFlow was never imported, no tf.function or tf.data graph can be tracing us.
+    tf = sys.modules.get("tensorflow")
+    return tf is not None and hasattr(tf, "executing_eagerly") and not tf.executing_eagerly()
+
+
+def _is_tf_tensor(x):
+    tf = sys.modules.get("tensorflow")
+    return tf is not None and hasattr(tf, "Tensor") and isinstance(x, (tf.Tensor, tf.RaggedTensor))
+
+
+def _to_python(x):
+    """Eager tensors of any framework as numpy arrays (or nested lists for tf ragged)."""
+    if _is_tf_tensor(x):
+        return x.to_list() if hasattr(x, "to_list") else x.numpy()
+    if keras.ops.is_tensor(x):
+        return keras.ops.convert_to_numpy(x)
+    return x
+
+
+def _read_proto(proto):
+    """The serialized model bytes from a path or bytes, with errors that say what is wrong."""
+    if isinstance(proto, (bytes, bytearray)):
+        return bytes(proto)
+    if isinstance(proto, os.PathLike):
+        proto = os.fspath(proto)
+    if isinstance(proto, str):
+        if not os.path.isfile(proto):
+            raise ValueError(f"GemmaTokenizer: SentencePiece model file not found: '{proto}'.")
+        with open(proto, "rb") as f:
+            return f.read()
+    raise TypeError(
+        "GemmaTokenizer: `proto` must be a path to a SentencePiece .model file or the "
+        f"model's serialized bytes. Received: {type(proto).__name__}."
+    )
+
+
+@keras.saving.register_keras_serializable(package="keras_gemma")
+class GemmaTokenizer(keras.layers.Layer):
+    """Gemma's SentencePiece tokenizer.
+
+    Args:
+        proto: path to a SentencePiece `.model` file, or the file's bytes.
+        sequence_length: if set, outputs are padded with `<pad>` or truncated to this length
+            (a dense array even for a batch).
+
+    Example:
+    ```python
+    tokenizer = keras_gemma.GemmaTokenizer(proto="tokenizer.model")
+    ids = tokenizer("The quick brown fox.")            # 1-D int32 numpy array
+    tokenizer.detokenize(ids)                          # "The quick brown fox."
+    tokenizer(["a", "bc"])                             # [[...], [...]]
+    ds = tf.data.Dataset.from_tensor_slices(texts).batch(8).map(tokenizer)  # tf.RaggedTensor
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hi!"}])
+    ```
+    """
+
+    def __init__(self, proto=None, sequence_length=None, **kwargs):
+        super().__init__(**kwargs)
+        # Keep Keras from turning strings into backend tensors, and allow Python strings as
+        # positional arguments (what KerasHub's preprocessing layers do too).
+        self._convert_input_args = False
+        self._allow_non_tensor_positional_args = True
+        self.built = True
+        if proto is None:
+            raise TypeError(
+                "GemmaTokenizer: `proto` is required: a path to a SentencePiece .model file "
+                "or its bytes."
+            )
+        if sequence_length is not None and (
+            not isinstance(sequence_length, (int, np.integer)) or sequence_length < 1
+        ):
+            raise ValueError(
+                "GemmaTokenizer: `sequence_length` must be a positive integer or None. "
+                f"Received: {sequence_length!r}."
+            )
+        self.sequence_length = None if sequence_length is None else int(sequence_length)
+        self._set_proto(proto)
+
+    def _set_proto(self, proto):
+        proto = _read_proto(proto)
+        try:
+            processor = spm.SentencePieceProcessor(model_proto=proto)
+        except RuntimeError as e:
+            raise ValueError(
+                "GemmaTokenizer: `proto` is not a valid SentencePiece model (could not parse "
+                f"{len(proto)} bytes): {e}"
+            ) from None
+        # An empty byte string "parses" into an uninitialized processor with no pieces.
+        if processor.get_piece_size() == 0:
+            raise ValueError("GemmaTokenizer: `proto` is an empty SentencePiece model (no pieces).")
+        self._proto = proto
+        self._sp = processor
+        self._tf_tokenizer = None  # built on first graph use
+        self._vocabulary = None  # built on first get_vocabulary()
+        self._special = {}
+        for piece in ("<pad>", "<eos>", "<bos>", "<unk>"):
+            self._special[piece] = self._find_piece(piece)
+            if self._special[piece] is None:
+                raise ValueError(
+                    f"GemmaTokenizer: the SentencePiece model has no '{piece}' piece, which every "
+                    "Gemma vocabulary has. Is this a Gemma tokenizer.model?"
+                )
+        for piece in ("<start_of_turn>", "<end_of_turn>"):
+            self._special[piece] = self._find_piece(piece)
+
+    def _find_piece(self, piece):
+        # piece_to_id answers <unk>'s id for a missing piece, so check the round trip.
+        index = self._sp.piece_to_id(piece)
+        return index if self._sp.id_to_piece(index) == piece else None
+
+    # Vocabulary.
+
+    def vocabulary_size(self):
+        """The number of pieces (ids run from 0 to vocabulary_size() - 1)."""
+        return self._sp.get_piece_size()
+
+    def get_vocabulary(self):
+        """All pieces, in id order."""
+        if self._vocabulary is None:
+            self._vocabulary = self._sp.id_to_piece(list(range(self.vocabulary_size())))
+        return list(self._vocabulary)
+
+    def id_to_token(self, id):
+        """The piece string for an integer id."""
+        self._check_ids([id])
+        return self._sp.id_to_piece(int(id))
+
+    def token_to_id(self, token):
+        """The id of a piece string; unknown pieces give `<unk>`'s id, as in SentencePiece."""
+        if isinstance(token, bytes):
+            token = token.decode("utf-8")
+        if not isinstance(token, str):
+            raise TypeError(f"GemmaTokenizer.token_to_id expects a str. Received: {token!r}.")
+        return self._sp.piece_to_id(token)
+
+    @property
+    def pad_token_id(self):
+        return self._special["<pad>"]
+
+    @property
+    def end_token_id(self):
+        return self._special["<eos>"]
+
+    @property
+    def start_token_id(self):
+        return self._special["<bos>"]
+
+    @property
+    def unk_token_id(self):
+        return self._special["<unk>"]
+
+    @property
+    def start_of_turn_id(self):
+        """Id of `<start_of_turn>` (106 in Gemma 1/2, 105 in Gemma 3), None if absent."""
+        return self._special["<start_of_turn>"]
+
+    @property
+    def end_of_turn_id(self):
+        """Id of `<end_of_turn>` (107 in Gemma 1/2, 106 in Gemma 3), None if absent."""
+        return self._special["<end_of_turn>"]
+
+    pad_token, end_token, start_token = "<pad>", "<eos>", "<bos>"
+
+    @property
+    def special_token_ids(self):
+        """Ids that generation output drops: pad, bos, eos and the chat turn markers."""
+        ids = [self.pad_token_id, self.start_token_id, self.end_token_id]
+        ids += [i for i in (self.start_of_turn_id, self.end_of_turn_id) if i is not None]
+        return ids
+
+    # Tokenize / detokenize.
+
+    def call(self, inputs):
+        return self.tokenize(inputs)
+
+    def tokenize(self, inputs):
+        """Strings -> ids: a 1-D int32 array for one string, lists of ids for a batch (an int32
+        array when `sequence_length` is set); tf tensors (ragged for a batch) inside a graph."""
+        if _in_tf_graph():
+            return self._tokenize_tf(inputs)
+        strings = []
+        skeleton = _collect_strings(_to_python(inputs), strings)
+        ids = self._sp.encode(strings) if strings else []
+        if self.sequence_length is not None:
+            ids = [self._pad(row) for row in ids]
+        if isinstance(skeleton, int):
+            return np.asarray(ids[0], dtype="int32")
+        nested = _rebuild(skeleton, ids)
+        if self.sequence_length is not None:
+            return np.asarray(nested, dtype="int32").reshape(_shape(skeleton) + (self.sequence_length,))
+        return nested
+
+    def _pad(self, row):
+        row = row[: self.sequence_length]
+        return row + [self.pad_token_id] * (self.sequence_length - len(row))
+
+    def detokenize(self, inputs):
+        """Ids -> strings: a str for one sequence, a list of str for a batch; tf in a graph."""
+        if _in_tf_graph():
+            return self._detokenize_tf(inputs)
+        inputs = _to_python(inputs)
+        if isinstance(inputs, np.ndarray):
+            if inputs.dtype.kind not in "iu":
+                raise TypeError(
+                    f"GemmaTokenizer.detokenize expects integer ids. Received dtype {inputs.dtype}."
+                )
+            if inputs.ndim == 0:
+                raise TypeError("GemmaTokenizer.detokenize expects a sequence of ids, not a scalar.")
+            inputs = inputs.tolist()
+        if not isinstance(inputs, (list, tuple)):
+            raise TypeError(
+                "GemmaTokenizer.detokenize expects a sequence of integer ids or a batch of them. "
+                f"Received: {type(inputs).__name__}."
+            )
+        if all(_is_int(v) for v in inputs):
+            self._check_ids(inputs)
+            return self._sp.decode([int(v) for v in inputs])
+        return [self.detokenize(row) for row in inputs]
+
+    def _check_ids(self, ids):
+        size = self.vocabulary_size()
+        for v in ids:
+            if not _is_int(v):
+                raise TypeError(f"GemmaTokenizer: token ids must be integers. Received: {v!r}.")
+            if not 0 <= v < size:
+                raise ValueError(
+                    f"GemmaTokenizer: token id {int(v)} is out of range for a vocabulary of "
+                    f"{size} pieces (valid ids are 0..{size - 1})."
+                )
+
+    # The TensorFlow engine.
+
+    def _tf_sentencepiece(self):
+        if self._tf_tokenizer is None:
+            tf = _tf_module()
+            try:
+                import tensorflow_text as tf_text
+            except ImportError as e:
+                raise ImportError(
+                    "GemmaTokenizer: tokenizing inside tf.data / tf.function or on tf tensors "
+                    "needs `tensorflow-text` (pip install tensorflow-text)."
+                ) from e
+            # Build the op's resource eagerly even when first asked from inside a tf.data or
+            # tf.function trace, so every later trace captures the same resource.
+            with tf.init_scope():
+                self._tf_tokenizer = tf_text.SentencepieceTokenizer(
+                    model=self._proto, out_type=tf.int32
+                )
+        return self._tf_tokenizer
+
+    def _tokenize_tf(self, inputs):
+        tf = _tf_module()
+        if not _is_tf_tensor(inputs):
+            inputs = tf.convert_to_tensor(inputs)
+        if inputs.dtype != tf.string:
+            raise TypeError(
+                f"GemmaTokenizer.tokenize expects strings. Received a tensor of dtype {inputs.dtype}."
+            )
+        scalar = inputs.shape.rank == 0
+        if scalar:
+            inputs = tf.expand_dims(inputs, 0)
+        ids = self._tf_sentencepiece().tokenize(inputs)
+        if self.sequence_length is not None:
+            shape = ids.shape.as_list()
+            shape[-1] = self.sequence_length
+            ids = ids.to_tensor(default_value=self.pad_token_id, shape=shape)
+        return ids[0] if scalar else ids
+
+    def _detokenize_tf(self, inputs):
+        tf = _tf_module()
+        if not _is_tf_tensor(inputs):
+            try:
+                inputs = tf.convert_to_tensor(inputs)
+            except ValueError:  # a ragged Python list
+                inputs = tf.ragged.constant(inputs)
+        if not inputs.dtype.is_integer:
+            raise TypeError(
+                f"GemmaTokenizer.detokenize expects integer ids. Received dtype {inputs.dtype}."
+            )
+        ids = tf.cast(inputs, "int32")
+        flat = ids.flat_values if isinstance(ids, tf.RaggedTensor) else tf.reshape(ids, [-1])
+        size = self.vocabulary_size()
+        message = f"GemmaTokenizer: token ids must be in 0..{size - 1}"
+        # The checks run when the graph runs; they fail with an InvalidArgumentError.
+        checks = [
+            tf.debugging.assert_non_negative(flat, message=message),
+            tf.debugging.assert_less(flat, tf.constant(size, "int32"), message=message),
+        ]
+        with tf.control_dependencies(checks):
+            return self._tf_sentencepiece().detokenize(ids)
+
+    # Chat template.
+
+    def apply_chat_template(self, messages, add_generation_prompt=True):
+        """Format chat turns as a Gemma instruction-tuned prompt (without `<bos>`).
+
+        `messages` is a list of `{"role": ..., "content": ...}` with roles "user" and "model"
+        (or "assistant") alternating from a user turn, optionally led by one "system" message,
+        which Gemma has no turn for: like Google's template, it is folded into the first user
+        turn as "system text\\n\\nuser text". Contents are stripped of surrounding whitespace,
+        as Google's template does. The preprocessor adds `<bos>` when it tokenizes.
+
+        Example:
+        ```python
+        tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}])
+        # "<start_of_turn>user\\nHi<end_of_turn>\\n<start_of_turn>model\\n"
+        ```
+        """
+        if self.start_of_turn_id is None or self.end_of_turn_id is None:
+            raise ValueError(
+                "GemmaTokenizer.apply_chat_template: this vocabulary has no <start_of_turn> / "
+                "<end_of_turn> pieces; chat prompts need an instruction-tuned Gemma vocabulary."
+            )
+        turns = _chat_turns(messages)
+        text = "".join(
+            f"<start_of_turn>{role}\n{content}<end_of_turn>\n" for role, content in turns
+        )
+        if add_generation_prompt:
+            text += "<start_of_turn>model\n"
+        return text
+
+    # Saving.
+
+    def save_assets(self, dir_path):
+        """Write the model file as `tokenizer.model` in `dir_path`; return its path."""
+        path = os.path.join(dir_path, TOKENIZER_FILENAME)
+        with open(path, "wb") as f:
+            f.write(self._proto)
+        return path
+
+    def load_assets(self, dir_path):
+        self._set_proto(os.path.join(dir_path, TOKENIZER_FILENAME))
+
+    @property
+    def proto(self):
+        """The serialized SentencePiece model (bytes)."""
+        return self._proto
+
+    def get_config(self):
+        config = super().get_config()
+        # The model bytes travel inside the config (base64 text survives JSON), so a config
+        # alone rebuilds the tokenizer, as a saved preset or .keras file needs.
+        config.update(
+            {
+                "proto_base64": base64.b64encode(self._proto).decode("ascii"),
+                "sequence_length": self.sequence_length,
+            }
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        encoded = config.pop("proto_base64", None)
+        if encoded is not None:
+            config["proto"] = base64.b64decode(encoded)
+        return cls(**config)
+
+
+def _is_int(v):
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _collect_strings(inputs, out):
+    """Append the strings of a (nested) input to `out`; return its shape as indices/lists."""
+    if isinstance(inputs, np.ndarray):
+        if inputs.dtype.kind not in "USO":
+            raise TypeError(
+                "GemmaTokenizer.tokenize expects strings. Received a numpy array of dtype "
+                f"{inputs.dtype}."
+            )
+        inputs = inputs.tolist()
+    if isinstance(inputs, bytes):
+        try:
+            inputs = inputs.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"GemmaTokenizer.tokenize: bytes input is not valid UTF-8 ({e}).") from None
+    if isinstance(inputs, str):
+        out.append(inputs)
+        return len(out) - 1
+    if isinstance(inputs, (list, tuple)):
+        return [_collect_strings(x, out) for x in inputs]
+    raise TypeError(
+        "GemmaTokenizer.tokenize expects a string, a list of strings or a string array/tensor. "
+        f"Received: {type(inputs).__name__} ({inputs!r:.60})."
+    )
+
+
+def _rebuild(skeleton, values):
+    if isinstance(skeleton, int):
+        return values[skeleton]
+    return [_rebuild(s, values) for s in skeleton]
+
+
+def _shape(skeleton):
+    shape = []
+    while isinstance(skeleton, list):
+        shape.append(len(skeleton))
+        if not skeleton:
+            break
+        skeleton = skeleton[0]
+    return tuple(shape)
+
+
+def _chat_turns(messages):
+    """Validate chat messages; return [(gemma_role, content)] with the system text folded in."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise TypeError("apply_chat_template expects a non-empty list of {'role', 'content'} dicts.")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise TypeError(f"apply_chat_template: message {i} must be a dict with 'role' and 'content'.")
+        if not isinstance(m["content"], str):
+            raise TypeError(f"apply_chat_template: message {i} content must be a str.")
+        if m["role"] != "system" and m["role"] not in _CHAT_ROLES:
+            raise ValueError(
+                f"apply_chat_template: message {i} has unknown role {m['role']!r}; expected "
+                "'system', 'user', 'model' or 'assistant'."
+            )
+    system = None
+    if messages[0]["role"] == "system":
+        system, messages = messages[0]["content"].strip(), messages[1:]
+        if not messages or messages[0]["role"] != "user":
+            raise ValueError("apply_chat_template: a system message must be followed by a user message.")
+    turns = []
+    for i, m in enumerate(messages):
+        role = _CHAT_ROLES.get(m["role"])
+        if role is None:
+            raise ValueError("apply_chat_template: only the first message may have role 'system'.")
+        if role != ("user" if i % 2 == 0 else "model"):
+            raise ValueError(
+                "apply_chat_template: roles must alternate user/model starting with user; "
+                f"message {i + (system is not None)} has role {m['role']!r}."
+            )
+        content = m["content"].strip()
+        if i == 0 and system is not None:
+            content = f"{system}\n\n{content}"
+        turns.append((role, content))
+    return turns

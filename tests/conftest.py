@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny architectures, reproducible seeds, one torch thread.
+
+The backend is chosen by KERAS_BACKEND before anything imports keras; the README's test
+command runs the whole suite once per backend.
+"""
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+BACKEND = keras.backend.backend()
+
+if BACKEND == "torch":
+    import torch
+
+    # Two torch threads on a two-core machine slow 20-40x whenever anything else runs.
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    keras.utils.set_random_seed(1234)
+    yield
+
+
+@pytest.fixture
+def backend():
+    return BACKEND
+
+
+def to_numpy(x):
+    """Any backend tensor (or numpy array) as a numpy array."""
+    return np.asarray(keras.ops.convert_to_numpy(x))

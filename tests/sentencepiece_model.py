@@ -1,0 +1,90 @@
+"""A tiny SentencePiece model trained with Gemma's settings, once per test session.
+
+The special pieces sit where Gemma 1 and 2 put them: `<pad>` 0, `<eos>` 1, `<bos>` 2, `<unk>` 3,
+`<mask>` 4, `[@BOS@]` 5, `<unused0>`..`<unused99>` 6..105, `<start_of_turn>` 106,
+`<end_of_turn>` 107, then whitespace-run pieces. So code that hard-codes nothing but looks the
+chat pieces up by name is exercised on the same ids as the real vocabulary.
+"""
+
+import io
+import os
+
+import sentencepiece as spm
+
+from tokenizer_corpus import CORPUS
+
+START_OF_TURN_ID = 106
+END_OF_TURN_ID = 107
+VOCAB_SIZE = 1000
+
+# User-defined pieces are matched greedily before BPE, as in Gemma's vocabulary. SentencePiece
+# stores a space as "▁" before matching, so space runs are written with "▁".
+_FILLER = ["<mask>", "[@BOS@]"] + [f"<unused{i}>" for i in range(100)]
+_WHITESPACE_RUNS = ["\n", "\n\n", "\n\n\n", "\t", "\t\t", "▁▁", "▁▁▁", "▁▁▁▁", "▁▁▁▁▁▁▁▁"]
+USER_DEFINED_SYMBOLS = _FILLER + ["<start_of_turn>", "<end_of_turn>"] + _WHITESPACE_RUNS
+
+
+def _training_sentences():
+    """The corpus plus generated prose, so BPE learns some multi-character merges."""
+    words = (
+        "the of and to in is that for it as with was on be at by this had not are but from "
+        "or have an they which one you were her all she there would their we him been has "
+        "when who will more no if out so said what up its about into than them can only "
+        "model token keras gemma layer tensor text train data value"
+    ).split()
+    sentences = list(CORPUS)
+    # A fixed linear-congruential walk keeps the text identical across runs and machines.
+    state = 12345
+    for _ in range(400):
+        length = 5 + state % 9
+        picked = []
+        for _ in range(length):
+            state = (1103515245 * state + 12345) % (2**31)
+            picked.append(words[state % len(words)])
+        sentence = " ".join(picked)
+        sentences.append(sentence[0].upper() + sentence[1:] + ".")
+    return sentences
+
+
+def train_gemma_like_model():
+    """Train the model and return its serialized bytes."""
+    buffer = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_training_sentences()),
+        model_writer=buffer,
+        model_type="BPE",
+        vocab_size=VOCAB_SIZE,
+        byte_fallback=True,
+        split_digits=True,
+        normalization_rule_name="identity",
+        add_dummy_prefix=False,
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        character_coverage=0.99,
+        pad_id=0,
+        eos_id=1,
+        bos_id=2,
+        unk_id=3,
+        pad_piece="<pad>",
+        eos_piece="<eos>",
+        bos_piece="<bos>",
+        unk_piece="<unk>",
+        user_defined_symbols=USER_DEFINED_SYMBOLS,
+        minloglevel=2,
+        num_threads=1,
+    )
+    return buffer.getvalue()
+
+
+def gemma_like_model_file(directory):
+    """Write `tokenizer.model` into `directory` (once) and return its path."""
+    path = os.path.join(directory, "tokenizer.model")
+    if not os.path.exists(path):
+        proto = train_gemma_like_model()
+        processor = spm.SentencePieceProcessor(model_proto=proto)
+        # Guard the ids the tests state, so a change of settings cannot move them silently.
+        assert processor.piece_to_id("<start_of_turn>") == START_OF_TURN_ID
+        assert processor.piece_to_id("<end_of_turn>") == END_OF_TURN_ID
+        with open(path, "wb") as f:
+            f.write(proto)
+    return path
