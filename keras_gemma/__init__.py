@@ -1,5 +1,6 @@
 """keras_gemma: Google's Gemma language models as Keras 3 layers and models."""
 
 from keras_gemma.backbone import GemmaBackbone
+from keras_gemma.checkpoints.preset_cards import list_presets
 
 __version__ = "0.1.0"

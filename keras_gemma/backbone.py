@@ -5,6 +5,7 @@ import math
 import keras
 from keras import ops
 
+from keras_gemma.checkpoints.preset_cards import PresetMapping
 from keras_gemma.layers.decoder_block import GemmaDecoderBlock
 from keras_gemma.layers.normalization import RMSNormalization
 
@@ -54,6 +55,8 @@ class GemmaBackbone(keras.Model):
     >>> hidden = backbone(inputs)                       # [1, 3, 16]
     >>> logits = backbone.token_embedding(hidden, reverse=True)   # [1, 3, 100]
     """
+
+    presets = PresetMapping()
 
     def __init__(
         self,
@@ -186,6 +189,12 @@ class GemmaBackbone(keras.Model):
         self.local_rope_scaling_factor = local_rope_scaling_factor
         self.global_rope_scaling_factor = global_rope_scaling_factor
 
+    def save_to_preset(self, preset_dir):
+        """Writes this backbone (config and weights) as a keras_gemma preset directory."""
+        from keras_gemma.checkpoints.preset_format import save_preset
+
+        return save_preset(preset_dir, self)
+
     @staticmethod
     def is_global_layer(index, use_sliding_window_attention, sliding_window_pattern):
         """Whether layer `index` attends globally (every `pattern`-th layer, 1-based)."""
@@ -218,7 +227,8 @@ class GemmaBackbone(keras.Model):
             "global_rope_max_wavelength": self.global_rope_max_wavelength,
             "local_rope_scaling_factor": self.local_rope_scaling_factor,
             "global_rope_scaling_factor": self.global_rope_scaling_factor,
-            "dtype": keras.dtype_policies.serialize(self.dtype_policy),
+            # The layers carry the policy the model was built with (Functional may not).
+            "dtype": keras.dtype_policies.serialize(self.token_embedding.dtype_policy),
         }
 
     @classmethod
@@ -258,9 +268,16 @@ class GemmaBackbone(keras.Model):
     def from_preset(cls, preset, dtype=None, load_weights=True, **kwargs):
         """Builds a backbone from a preset name, a checkpoint directory or a handle.
 
+        `preset` is a name from `keras_gemma.list_presets()`, a local directory (keras_gemma,
+        KerasHub or transformers format), a .gguf file, `kaggle://owner/model/framework/
+        variation[/version]` or `hf://org/repo`. `dtype` picks the weights' dtype.
+
         Example:
         >>> backbone = GemmaBackbone.from_preset("./my_transformers_gemma_dir")
+        >>> backbone = GemmaBackbone.from_preset("gemma_2b_en", dtype="bfloat16")
         """
         from keras_gemma.checkpoints.loader import load_backbone
 
-        return load_backbone(preset, dtype=dtype, load_weights=load_weights, **kwargs)
+        if kwargs:
+            raise TypeError(f"unexpected arguments to from_preset: {sorted(kwargs)}.")
+        return load_backbone(preset, dtype=dtype, load_weights=load_weights)

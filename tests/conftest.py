@@ -36,3 +36,15 @@ def backend():
 def to_numpy(x):
     """Any backend tensor (or numpy array) as a numpy array."""
     return np.asarray(keras.ops.convert_to_numpy(x))
+
+
+@pytest.fixture(scope="session")
+def sentencepiece_proto(tmp_path_factory):
+    """Path to a tiny SentencePiece model with Gemma's settings, trained once per session.
+
+    `<start_of_turn>` is id 106 and `<end_of_turn>` id 107, as in Gemma 1 and 2; see
+    tests/sentencepiece_model.py.
+    """
+    from sentencepiece_model import gemma_like_model_file
+
+    return gemma_like_model_file(str(tmp_path_factory.mktemp("sentencepiece")))

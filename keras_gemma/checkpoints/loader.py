@@ -1,9 +1,25 @@
-"""One entry point that turns a handle into a GemmaBackbone."""
+"""Turns any handle into a GemmaBackbone, a tokenizer file and preset metadata.
 
+A handle is a preset name (resolved through its card in presets/), a local directory in
+keras_gemma's, KerasHub's or transformers' format, a local .gguf file, or a
+kaggle://... or hf://... handle (downloaded through kagglehub or huggingface_hub).
+"""
+
+import dataclasses
 import json
 import os
 
-from keras_gemma.checkpoints import huggingface
+from keras_gemma.checkpoints import handles, huggingface, keras_hub, preset_cards, preset_format
+
+
+@dataclasses.dataclass
+class ResolvedPreset:
+    """Where a handle's files are and in which format."""
+
+    kind: str  # "keras_gemma", "keras_hub", "transformers" or "gguf"
+    path: str
+    config: dict = None
+    card: dict = None
 
 
 def read_json(path):
@@ -14,30 +30,136 @@ def read_json(path):
         raise ValueError(f"{path} is not valid JSON: {error}") from None
 
 
-def load_backbone(handle, dtype=None, load_weights=True):
-    """A GemmaBackbone from a checkpoint directory.
+def _detect(path, card=None):
+    if os.path.isfile(path):
+        if path.endswith(".gguf"):
+            return ResolvedPreset("gguf", path, card=card)
+        raise ValueError(
+            f"{path} is a file; keras_gemma loads directories (keras_gemma, KerasHub or "
+            "transformers presets) and .gguf files."
+        )
+    config_path = os.path.join(path, "config.json")
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(
+            f"{path} has no config.json: it is not a keras_gemma, KerasHub or transformers "
+            "preset directory."
+        )
+    config = read_json(config_path)
+    if preset_format.is_keras_gemma_config(config):
+        return ResolvedPreset("keras_gemma", path, config, card)
+    if keras_hub.is_keras_hub_config(config):
+        return ResolvedPreset("keras_hub", path, config, card)
+    if huggingface.is_transformers_config(config):
+        return ResolvedPreset("transformers", path, config, card)
+    named = config.get("registered_name") or config.get("class_name") or config.get("model_type")
+    raise ValueError(
+        f"{config_path} describes {named!r}, which is not one of keras_gemma's Gemma formats "
+        "(keras_gemma presets, KerasHub GemmaBackbone/Gemma3Backbone, transformers "
+        "gemma/gemma2/gemma3_text). Nothing was imported from it."
+    )
 
-    Reads a transformers directory (config.json with a Gemma `model_type`, safetensors).
-    """
+
+def resolve(handle):
+    """The files behind `handle`, downloading them if it is remote."""
+    if isinstance(handle, ResolvedPreset):
+        return handle
+    path = handles.local_path(handle)
+    if path is not None:
+        return _detect(path)
+    if not isinstance(handle, str):
+        raise TypeError(f"a preset handle must be a string or a path, got {type(handle).__name__}.")
+    if handles.is_remote_handle(handle):
+        return _detect(handles.download(handle))
+    card = preset_cards.get_card(handle)  # raises with suggestions for unknown names
+    return _detect(handles.download_card_sources(card), card=card)
+
+
+def backbone_arguments(resolved):
+    """GemmaBackbone constructor arguments for a resolved preset."""
+    where = os.path.join(resolved.path, "config.json")
+    if resolved.kind == "keras_gemma":
+        config = preset_format.check_class(resolved.config, "backbone", where)
+        if config is None:
+            raise ValueError(f"{where} has no backbone section.")
+        preset_format.check_class(resolved.config, "preprocessor", where)
+        preset_format.check_class(resolved.config, "task", where)
+        return preset_format.validate_backbone_config(dict(config), where)
+    if resolved.kind == "keras_hub":
+        unknown = keras_hub.unused_keys(resolved.config)
+        if unknown:
+            raise ValueError(f"{where}: KerasHub config keys keras_gemma does not know: {unknown}.")
+        return keras_hub.backbone_config_from_keras_hub(resolved.config)
+    if resolved.kind == "transformers":
+        return huggingface.backbone_config_from_transformers(resolved.config)
+    raise ValueError(f"cannot read a backbone config from a {resolved.kind} preset.")
+
+
+def load_backbone(handle, dtype=None, load_weights=True):
+    """A GemmaBackbone (with weights unless load_weights=False) from any handle."""
     from keras_gemma.backbone import GemmaBackbone
 
-    handle = os.fspath(handle)
-    if not os.path.isdir(handle):
-        raise ValueError(
-            f"{handle!r} is not a directory. GemmaBackbone.from_preset reads a transformers "
-            "checkpoint directory (config.json and model.safetensors)."
-        )
-    config_path = os.path.join(handle, "config.json")
-    if not os.path.exists(config_path):
-        raise FileNotFoundError(f"{handle} has no config.json.")
-    config = read_json(config_path)
-    if not huggingface.is_transformers_config(config):
-        raise ValueError(
-            f"{config_path} is not a transformers Gemma config (model_type "
-            f"{config.get('model_type')!r})."
-        )
-    arguments = huggingface.backbone_config_from_transformers(config)
-    backbone = GemmaBackbone(**arguments, dtype=dtype)
+    resolved = resolve(handle)
+    if resolved.kind == "gguf":
+        from keras_gemma.checkpoints import gguf
+
+        return gguf.load_backbone(resolved.path, dtype=dtype, load_weights=load_weights)
+    arguments = dict(backbone_arguments(resolved))
+    arguments.pop("name", None)
+    arguments.pop("trainable", None)
+    if dtype is not None or "dtype" not in arguments:
+        arguments["dtype"] = dtype
+    backbone = GemmaBackbone.from_config(arguments)
     if load_weights:
-        huggingface.load_transformers_weights(backbone, handle)
+        if resolved.kind == "keras_gemma":
+            preset_format.load_weights(backbone, resolved.path)
+        elif resolved.kind == "keras_hub":
+            family = keras_hub.REGISTERED_NAMES[resolved.config["registered_name"]]
+            keras_hub.load_keras_hub_weights(backbone, resolved.path, family)
+        else:
+            huggingface.load_transformers_weights(backbone, resolved.path)
     return backbone
+
+
+def tokenizer_file(handle):
+    """Path of the SentencePiece model of a preset."""
+    resolved = resolve(handle)
+    if resolved.kind == "gguf":
+        from keras_gemma.checkpoints import gguf
+
+        return gguf.tokenizer_file(resolved.path)
+    candidates = {
+        "keras_gemma": [preset_format.TOKENIZER_FILE],
+        "keras_hub": [os.path.join("assets", "tokenizer", "vocabulary.spm")],
+        "transformers": ["tokenizer.model"],
+    }[resolved.kind]
+    for candidate in candidates:
+        path = os.path.join(resolved.path, candidate)
+        if os.path.exists(path):
+            return path
+    raise FileNotFoundError(
+        f"{resolved.path} has no SentencePiece tokenizer ({' or '.join(candidates)})."
+    )
+
+
+def preset_metadata(handle):
+    """{"instruction_tuned", "stop_tokens", "preprocessor", "task"} as far as known."""
+    resolved = resolve(handle)
+    metadata = {"instruction_tuned": False, "stop_tokens": ["<eos>"], "preprocessor": None}
+    if resolved.card:
+        metadata["instruction_tuned"] = resolved.card.get("instruction_tuned", False)
+        metadata["stop_tokens"] = resolved.card.get("stop_tokens", ["<eos>"])
+    if resolved.kind == "keras_gemma":
+        where = os.path.join(resolved.path, "config.json")
+        metadata.update(resolved.config.get("metadata") or {})
+        metadata["preprocessor"] = preset_format.check_class(resolved.config, "preprocessor", where)
+        metadata["task"] = preset_format.check_class(resolved.config, "task", where)
+    elif resolved.kind == "keras_hub":
+        path = os.path.join(resolved.path, "preprocessor.json")
+        if os.path.exists(path):
+            config = read_json(path).get("config", {})
+            metadata["preprocessor"] = {
+                key: config[key]
+                for key in ("sequence_length", "add_start_token", "add_end_token")
+                if key in config
+            }
+    return metadata

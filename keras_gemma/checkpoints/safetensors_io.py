@@ -7,6 +7,7 @@ detected before any tensor is used.
 """
 
 import json
+import mmap
 import os
 import struct
 
@@ -33,6 +34,106 @@ class SafetensorsError(ValueError):
     """A safetensors file is truncated, corrupt, or holds a dtype we cannot read."""
 
 
+class SafetensorsFile:
+    """A safetensors file, memory-mapped: tensors are read when used and released after.
+
+    `release(name)` drops a tensor's pages from this process's resident memory, so loading a
+    checkpoint tensor by tensor never holds the whole file and the whole model at once.
+
+    Example:
+    >>> with SafetensorsFile("model.safetensors") as weights:
+    ...     norm = np.array(weights["model.norm.weight"])
+    """
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        size = os.path.getsize(self.path)
+        with open(self.path, "rb") as file:
+            prefix = file.read(8)
+            if len(prefix) < 8:
+                raise SafetensorsError(
+                    f"{self.path} is not a safetensors file: it has {size} bytes."
+                )
+            (header_length,) = struct.unpack("<Q", prefix)
+            if header_length > min(_MAX_HEADER_BYTES, size - 8):
+                raise SafetensorsError(
+                    f"{self.path} is not a safetensors file or is truncated: its header "
+                    f"claims {header_length} bytes but the file has {size}."
+                )
+            try:
+                header = json.loads(file.read(header_length))
+            except (UnicodeDecodeError, json.JSONDecodeError) as error:
+                raise SafetensorsError(
+                    f"{self.path} has a corrupt safetensors header: {error}"
+                ) from None
+            self.metadata = header.pop("__metadata__", None) or {}
+            self._data_start = 8 + header_length
+            data_size = size - self._data_start
+            self._entries = {}
+            for name, entry in header.items():
+                dtype = _DTYPES.get(entry.get("dtype"))
+                if dtype is None:
+                    raise SafetensorsError(
+                        f"{self.path}: tensor {name!r} has dtype {entry.get('dtype')!r}, which "
+                        f"keras_gemma cannot read (supported: {sorted(_DTYPES)})."
+                    )
+                begin, end = entry["data_offsets"]
+                shape = tuple(entry["shape"])
+                expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+                if end > data_size or end - begin != expected:
+                    raise SafetensorsError(
+                        f"{self.path} is truncated or corrupt: tensor {name!r} of shape "
+                        f"{shape} needs bytes {begin}..{begin + expected} of data, the file "
+                        f"holds {data_size}."
+                    )
+                self._entries[name] = (dtype, shape, begin, end)
+            self._map = (
+                mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) if size > 0 else None
+            )
+
+    def keys(self):
+        return self._entries.keys()
+
+    def __contains__(self, name):
+        return name in self._entries
+
+    def __iter__(self):
+        return iter(self._entries)
+
+    def __len__(self):
+        return len(self._entries)
+
+    def __getitem__(self, name):
+        dtype, shape, begin, end = self._entries[name]
+        count = (end - begin) // dtype.itemsize
+        return np.frombuffer(
+            self._map, dtype=dtype, count=count, offset=self._data_start + begin
+        ).reshape(shape)
+
+    def release(self, name):
+        """Drops the pages of tensor `name` from resident memory (they stay readable)."""
+        if self._map is None or not hasattr(self._map, "madvise"):
+            return
+        _, _, begin, end = self._entries[name]
+        page = mmap.PAGESIZE
+        start = (self._data_start + begin) // page * page
+        stop = self._data_start + end
+        try:
+            self._map.madvise(mmap.MADV_DONTNEED, start, stop - start)
+        except (OSError, ValueError, AttributeError):
+            pass
+
+    def close(self):
+        # Arrays handed out keep the map alive; closing is left to the garbage collector.
+        self._map = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 def read_safetensors(path):
     """Returns `{name: numpy array}` memory-mapped from the safetensors file at `path`.
 
@@ -41,45 +142,8 @@ def read_safetensors(path):
     >>> tensors["model.norm.weight"].shape
     (2048,)
     """
-    size = os.path.getsize(path)
-    with open(path, "rb") as file:
-        prefix = file.read(8)
-        if len(prefix) < 8:
-            raise SafetensorsError(f"{path} is not a safetensors file: it has {size} bytes.")
-        (header_length,) = struct.unpack("<Q", prefix)
-        if header_length > min(_MAX_HEADER_BYTES, size - 8):
-            raise SafetensorsError(
-                f"{path} is not a safetensors file or is truncated: its header claims "
-                f"{header_length} bytes but the file has {size}."
-            )
-        try:
-            header = json.loads(file.read(header_length))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise SafetensorsError(f"{path} has a corrupt safetensors header: {error}") from None
-    header.pop("__metadata__", None)
-    data_start = 8 + header_length
-    data_size = size - data_start
-    if not header:
-        return {}
-    mapped = np.memmap(path, dtype=np.uint8, mode="r", offset=data_start, shape=(data_size,))
-    tensors = {}
-    for name, entry in header.items():
-        dtype = _DTYPES.get(entry.get("dtype"))
-        if dtype is None:
-            raise SafetensorsError(
-                f"{path}: tensor {name!r} has dtype {entry.get('dtype')!r}, which keras_gemma "
-                f"cannot read (supported: {sorted(_DTYPES)})."
-            )
-        begin, end = entry["data_offsets"]
-        shape = tuple(entry["shape"])
-        expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        if end > data_size or end - begin != expected:
-            raise SafetensorsError(
-                f"{path} is truncated or corrupt: tensor {name!r} of shape {shape} needs bytes "
-                f"{begin}..{begin + expected}, the file holds {data_size} bytes of data."
-            )
-        tensors[name] = mapped[begin:end].view(dtype).reshape(shape)
-    return tensors
+    weights = SafetensorsFile(path)
+    return {name: weights[name] for name in weights.keys()}
 
 
 def write_safetensors(path, tensors, metadata=None):

@@ -1,0 +1,197 @@
+"""keras_gemma's own preset directory: config.json, model.safetensors, tokenizer.model.
+
+config.json:
+    {"keras_gemma_format": 1,
+     "backbone": {"class_name": "GemmaBackbone", "config": {...constructor arguments...}},
+     "preprocessor": {"class_name": "GemmaCausalLMPreprocessor", "config": {...}} (optional),
+     "task": {"class_name": "GemmaCausalLM", "config": {...}} (optional),
+     "metadata": {"instruction_tuned": bool, "stop_tokens": [...], "parameter_count": int}}
+model.safetensors: every backbone variable under its Keras path, in its own dtype.
+tokenizer.model: the SentencePiece model (optional).
+
+A save writes into a temporary sibling directory and renames it into place, so an
+interrupted save never leaves a half-written preset.
+"""
+
+import inspect
+import json
+import os
+import shutil
+import tempfile
+
+import keras
+import ml_dtypes
+import numpy as np
+
+from keras_gemma.checkpoints.safetensors_io import SafetensorsFile, write_safetensors
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.model"
+ALLOWED_CLASSES = {
+    "backbone": ("GemmaBackbone",),
+    "preprocessor": ("GemmaCausalLMPreprocessor",),
+    "task": ("GemmaCausalLM",),
+}
+
+_OPTIONAL_FLOATS = {"query_pre_attn_scalar", "attention_logit_soft_cap", "final_logit_soft_cap"}
+_BOOLS = {"query_head_dim_normalize", "use_post_attention_norm", "use_post_ffw_norm",
+          "use_query_key_norm", "use_sliding_window_attention"}
+_FLOATS = {"layer_norm_epsilon", "dropout", "local_rope_max_wavelength",
+           "global_rope_max_wavelength", "local_rope_scaling_factor",
+           "global_rope_scaling_factor"}
+
+
+def is_keras_gemma_config(config):
+    return isinstance(config, dict) and "keras_gemma_format" in config
+
+
+def validate_backbone_config(config, where="config.json"):
+    """Checks GemmaBackbone arguments: known keys, right types. Returns them."""
+    from keras_gemma.backbone import GemmaBackbone
+
+    if not isinstance(config, dict):
+        raise ValueError(f"{where}: the backbone config must be a JSON object.")
+    accepted = set(inspect.signature(GemmaBackbone.__init__).parameters) - {"self", "kwargs"}
+    accepted |= {"name", "trainable"}
+    unknown = sorted(set(config) - accepted)
+    if unknown:
+        raise ValueError(
+            f"{where}: unknown backbone arguments {unknown}; GemmaBackbone accepts "
+            f"{sorted(accepted - {'name', 'trainable'})}."
+        )
+    for key, value in config.items():
+        if key in ("dtype", "name", "trainable"):
+            continue
+        if key in _BOOLS:
+            ok = isinstance(value, bool)
+            wanted = "true or false"
+        elif key in _OPTIONAL_FLOATS:
+            ok = value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+            wanted = "a number or null"
+        elif key in _FLOATS:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            wanted = "a number"
+        else:
+            ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
+            wanted = "a positive integer"
+        if not ok:
+            raise ValueError(f"{where}: backbone argument {key!r} must be {wanted}, got {value!r}.")
+    return config
+
+
+def _numpy(variable):
+    value = variable.value if hasattr(variable, "value") else variable
+    if str(variable.dtype) == "bfloat16":
+        as_float = keras.ops.convert_to_numpy(keras.ops.cast(value, "float32"))
+        return np.asarray(as_float).astype(ml_dtypes.bfloat16)
+    return np.asarray(keras.ops.convert_to_numpy(value))
+
+
+def backbone_tensors(backbone):
+    """`{variable path: numpy array}` for every variable of the backbone."""
+    tensors = {}
+    for variable in backbone.weights:
+        if variable.path in tensors:
+            raise ValueError(f"two variables share the path {variable.path!r}.")
+        tensors[variable.path] = _numpy(variable)
+    return tensors
+
+
+def save_preset(
+    directory,
+    backbone,
+    tokenizer_proto=None,
+    preprocessor_config=None,
+    task_config=None,
+    metadata=None,
+):
+    """Writes a preset directory atomically; replaces an earlier keras_gemma preset there."""
+    directory = os.path.abspath(os.fspath(directory))
+    parent = os.path.dirname(directory)
+    os.makedirs(parent, exist_ok=True)
+    if os.path.exists(directory):
+        if not os.path.isdir(directory):
+            raise ValueError(f"{directory} exists and is not a directory.")
+        if os.listdir(directory) and not os.path.exists(os.path.join(directory, CONFIG_FILE)):
+            raise ValueError(
+                f"{directory} exists and is not a preset: refusing to overwrite it. "
+                "Choose an empty or new directory."
+            )
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.partial-", dir=parent)
+    try:
+        config = {
+            "keras_gemma_format": FORMAT_VERSION,
+            "backbone": {"class_name": "GemmaBackbone", "config": backbone.get_config()},
+            "metadata": dict(metadata or {}),
+        }
+        if preprocessor_config is not None:
+            config["preprocessor"] = {
+                "class_name": "GemmaCausalLMPreprocessor",
+                "config": preprocessor_config,
+            }
+        if task_config is not None:
+            config["task"] = {"class_name": "GemmaCausalLM", "config": task_config}
+        write_safetensors(
+            os.path.join(staging, WEIGHTS_FILE),
+            backbone_tensors(backbone),
+            metadata={"format": "keras_gemma"},
+        )
+        if tokenizer_proto is not None:
+            with open(os.path.join(staging, TOKENIZER_FILE), "wb") as file:
+                file.write(tokenizer_proto)
+        with open(os.path.join(staging, CONFIG_FILE), "w") as file:
+            json.dump(config, file, indent=2)
+        for name in os.listdir(staging):
+            with open(os.path.join(staging, name), "rb") as file:
+                os.fsync(file.fileno())
+        if os.path.exists(directory):
+            retired = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.old-", dir=parent)
+            os.rmdir(retired)
+            os.rename(directory, retired)
+            os.rename(staging, directory)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.rename(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory
+
+
+def check_class(config, section, where):
+    entry = config.get(section)
+    if entry is None:
+        return None
+    class_name = entry.get("class_name") if isinstance(entry, dict) else None
+    if class_name not in ALLOWED_CLASSES[section]:
+        raise ValueError(
+            f"{where}: the {section} class {class_name!r} is not one of keras_gemma's Gemma "
+            f"classes {ALLOWED_CLASSES[section]}; refusing to load it (nothing was imported)."
+        )
+    return entry.get("config") or {}
+
+
+def load_weights(backbone, directory):
+    """Fills `backbone` from model.safetensors, tensor by tensor."""
+    path = os.path.join(directory, WEIGHTS_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{directory} has no {WEIGHTS_FILE}.")
+    from keras_gemma.checkpoints.huggingface import assign_checked
+
+    weights = SafetensorsFile(path)
+    variables = {variable.path: variable for variable in backbone.weights}
+    missing = sorted(set(variables) - set(weights.keys()))
+    if missing:
+        raise ValueError(f"{path} lacks the weights {missing[:5]}.")
+    extra = sorted(set(weights.keys()) - set(variables))
+    if extra:
+        raise ValueError(
+            f"{path} holds weights the model does not have: {extra[:5]}. Does config.json "
+            "match the weights?"
+        )
+    for name, variable in variables.items():
+        assign_checked(variable, weights[name], name)
+        weights.release(name)
+    return backbone

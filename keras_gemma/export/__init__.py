@@ -1,0 +1,1 @@
+"""TF SavedModel export."""

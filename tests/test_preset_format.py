@@ -1,0 +1,129 @@
+"""keras_gemma's own preset directory: exact round trips, atomic saves, clear refusals."""
+
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+
+from keras_gemma import GemmaBackbone
+from keras_gemma.checkpoints import preset_format
+from keras_gemma.checkpoints.safetensors_io import SafetensorsError
+
+TINY = dict(
+    vocabulary_size=64, num_layers=2, num_query_heads=2, num_key_value_heads=1,
+    hidden_dim=16, intermediate_dim=32, head_dim=8, use_query_key_norm=True,
+    use_post_attention_norm=True, use_post_ffw_norm=True,
+)
+
+
+def _inputs():
+    return {
+        "token_ids": np.array([[2, 5, 9, 11, 3]], dtype="int32"),
+        "padding_mask": np.ones((1, 5), dtype="int32"),
+    }
+
+
+def _numpy(x):
+    return np.asarray(keras.ops.convert_to_numpy(keras.ops.cast(x, "float32")))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_save_then_load_is_exact(tmp_path, dtype):
+    backbone = GemmaBackbone(**TINY, dtype=dtype)
+    backbone.save_to_preset(tmp_path / "preset")
+    restored = GemmaBackbone.from_preset(str(tmp_path / "preset"))
+    assert restored.get_config() == backbone.get_config()
+    for original, loaded in zip(backbone.weights, restored.weights):
+        assert original.path == loaded.path
+        np.testing.assert_array_equal(_numpy(loaded), _numpy(original))
+    np.testing.assert_array_equal(_numpy(restored(_inputs())), _numpy(backbone(_inputs())))
+
+
+def test_dtype_on_load(tmp_path):
+    GemmaBackbone(**TINY, dtype="bfloat16").save_to_preset(tmp_path / "preset")
+    restored = GemmaBackbone.from_preset(str(tmp_path / "preset"), dtype="float32")
+    assert restored.token_embedding.embeddings.dtype == "float32"
+
+
+def test_interrupted_save_leaves_nothing(tmp_path, monkeypatch):
+    backbone = GemmaBackbone(**TINY)
+
+    def explode(*args, **kwargs):
+        raise KeyboardInterrupt("interrupted mid-save")
+
+    monkeypatch.setattr(preset_format, "write_safetensors", explode)
+    with pytest.raises(KeyboardInterrupt):
+        backbone.save_to_preset(tmp_path / "preset")
+    assert os.listdir(tmp_path) == []
+
+
+def test_interrupted_overwrite_keeps_the_old_preset(tmp_path, monkeypatch):
+    old = GemmaBackbone(**TINY)
+    old.save_to_preset(tmp_path / "preset")
+    before = sorted(os.listdir(tmp_path / "preset"))
+    monkeypatch.setattr(preset_format, "write_safetensors", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        GemmaBackbone(**TINY).save_to_preset(tmp_path / "preset")
+    assert os.listdir(tmp_path) == ["preset"]
+    assert sorted(os.listdir(tmp_path / "preset")) == before
+    restored = GemmaBackbone.from_preset(str(tmp_path / "preset"))
+    np.testing.assert_array_equal(_numpy(restored(_inputs())), _numpy(old(_inputs())))
+
+
+def test_refuses_to_overwrite_a_directory_that_is_not_a_preset(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not a preset"):
+        GemmaBackbone(**TINY).save_to_preset(tmp_path)
+
+
+def _edit_config(tmp_path, edit):
+    GemmaBackbone(**TINY).save_to_preset(tmp_path / "preset")
+    path = tmp_path / "preset" / "config.json"
+    config = json.loads(path.read_text())
+    edit(config)
+    path.write_text(json.dumps(config))
+    return str(tmp_path / "preset")
+
+
+def test_unknown_config_key(tmp_path):
+    preset = _edit_config(tmp_path, lambda c: c["backbone"]["config"].update(num_experts=4))
+    with pytest.raises(ValueError, match="unknown backbone arguments.*num_experts"):
+        GemmaBackbone.from_preset(preset)
+
+
+def test_wrong_config_type(tmp_path):
+    preset = _edit_config(tmp_path, lambda c: c["backbone"]["config"].update(num_layers="2"))
+    with pytest.raises(ValueError, match="'num_layers' must be a positive integer"):
+        GemmaBackbone.from_preset(preset)
+
+
+def test_foreign_class_is_refused(tmp_path):
+    preset = _edit_config(
+        tmp_path, lambda c: c["backbone"].update(class_name="os.system")
+    )
+    with pytest.raises(ValueError, match="refusing to load"):
+        GemmaBackbone.from_preset(preset)
+
+
+def test_truncated_weights(tmp_path):
+    GemmaBackbone(**TINY).save_to_preset(tmp_path / "preset")
+    weights = tmp_path / "preset" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) - 100])
+    with pytest.raises(SafetensorsError, match="truncated"):
+        GemmaBackbone.from_preset(str(tmp_path / "preset"))
+
+
+def test_missing_weights_file(tmp_path):
+    GemmaBackbone(**TINY).save_to_preset(tmp_path / "preset")
+    os.remove(tmp_path / "preset" / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        GemmaBackbone.from_preset(str(tmp_path / "preset"))
+
+
+def test_shape_mismatch_names_variable_and_shapes(tmp_path):
+    preset = _edit_config(tmp_path, lambda c: c["backbone"]["config"].update(hidden_dim=24))
+    with pytest.raises(ValueError, match=r"token_embedding/embeddings.*\(64, 16\).*\(64, 24\)"):
+        GemmaBackbone.from_preset(preset)
