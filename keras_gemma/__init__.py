@@ -2,5 +2,7 @@
 
 from keras_gemma.backbone import GemmaBackbone
 from keras_gemma.checkpoints.preset_cards import list_presets
+from keras_gemma.preprocessor import GemmaCausalLMPreprocessor
+from keras_gemma.tokenizer import GemmaTokenizer
 
 __version__ = "0.1.0"

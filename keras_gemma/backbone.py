@@ -7,6 +7,7 @@ from keras import ops
 
 from keras_gemma.checkpoints.preset_cards import PresetMapping
 from keras_gemma.layers.decoder_block import GemmaDecoderBlock
+from keras_gemma.layers.initialization import initializer
 from keras_gemma.layers.normalization import RMSNormalization
 
 
@@ -107,8 +108,10 @@ class GemmaBackbone(keras.Model):
             input_dim=vocabulary_size,
             output_dim=hidden_dim,
             tie_weights=True,
-            embeddings_initializer=keras.initializers.VarianceScaling(
-                scale=1.0, mode="fan_in", distribution="untruncated_normal"
+            embeddings_initializer=initializer(
+                keras.initializers.VarianceScaling(
+                    scale=1.0, mode="fan_in", distribution="untruncated_normal"
+                )
             ),
             logit_soft_cap=final_logit_soft_cap,
             dtype=dtype,

@@ -9,6 +9,7 @@ import warnings
 import keras
 import numpy as np
 
+from keras_gemma.checkpoints.preset_cards import PresetMapping
 from keras_gemma.tokenizer import GemmaTokenizer
 from keras_gemma.tokenizer import _in_tf_graph
 from keras_gemma.tokenizer import _to_python
@@ -19,7 +20,8 @@ def _check_sequence_length(value):
     # leaves a token to predict from and a token to predict.
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 2:
         raise ValueError(
-            f"GemmaCausalLMPreprocessor: `sequence_length` must be an integer >= 2. Received: {value!r}."
+            "GemmaCausalLMPreprocessor: `sequence_length` must be an integer >= 2. "
+            f"Received: {value!r}."
         )
     return int(value)
 
@@ -51,6 +53,30 @@ class GemmaCausalLMPreprocessor(keras.layers.Layer):
     preprocessor.generate_postprocess(prompt)               # ["Say hi:"]
     ```
     """
+
+    presets = PresetMapping()
+
+    @classmethod
+    def from_preset(cls, preset, sequence_length=None, **kwargs):
+        """The preprocessor of a preset: its tokenizer and, where saved, its settings.
+
+        Example:
+        >>> preprocessor = GemmaCausalLMPreprocessor.from_preset("gemma_2b_en", sequence_length=256)
+        """
+        from keras_gemma.checkpoints.loader import preset_metadata, resolve
+
+        resolved = resolve(preset)
+        settings = dict(preset_metadata(resolved).get("preprocessor") or {})
+        settings.pop("tokenizer", None)
+        settings = {
+            key: value
+            for key, value in settings.items()
+            if key in ("sequence_length", "add_start_token", "add_end_token")
+        }
+        if sequence_length is not None:
+            settings["sequence_length"] = sequence_length
+        settings.update(kwargs)
+        return cls(GemmaTokenizer.from_preset(resolved), **settings)
 
     def __init__(
         self,
@@ -151,11 +177,6 @@ class GemmaCausalLMPreprocessor(keras.layers.Layer):
         single = isinstance(rows, np.ndarray)
         if single:
             rows = [rows.tolist()]
-        elif any(not _is_id_list(row) for row in rows):
-            raise ValueError(
-                "GemmaCausalLMPreprocessor expects a string or a 1-D batch of strings; received "
-                "a nested batch."
-            )
         ids = np.full((len(rows), length), self.tokenizer.pad_token_id, dtype="int32")
         mask = np.zeros((len(rows), length), dtype=bool)
         for i, row in enumerate(rows):
@@ -204,7 +225,3 @@ class GemmaCausalLMPreprocessor(keras.layers.Layer):
         if isinstance(config.get("tokenizer"), dict):
             config["tokenizer"] = keras.saving.deserialize_keras_object(config["tokenizer"])
         return cls(**config)
-
-
-def _is_id_list(row):
-    return isinstance(row, list) and all(isinstance(v, int) for v in row)

@@ -17,6 +17,8 @@ import keras
 import numpy as np
 import sentencepiece as spm
 
+from keras_gemma.checkpoints.preset_cards import PresetMapping
+
 TOKENIZER_FILENAME = "tokenizer.model"
 
 _CHAT_ROLES = {"user": "user", "model": "model", "assistant": "model"}
@@ -32,12 +34,12 @@ def _tf_module():
 def _in_tf_graph():
     # If TensorFlow was never imported, no tf.function or tf.data graph can be tracing us.
     tf = sys.modules.get("tensorflow")
-    return tf is not None and hasattr(tf, "executing_eagerly") and not tf.executing_eagerly()
+    return hasattr(tf, "executing_eagerly") and not tf.executing_eagerly()
 
 
 def _is_tf_tensor(x):
     tf = sys.modules.get("tensorflow")
-    return tf is not None and hasattr(tf, "Tensor") and isinstance(x, (tf.Tensor, tf.RaggedTensor))
+    return hasattr(tf, "RaggedTensor") and isinstance(x, (tf.Tensor, tf.RaggedTensor))
 
 
 def _to_python(x):
@@ -47,6 +49,10 @@ def _to_python(x):
     if keras.ops.is_tensor(x):
         return keras.ops.convert_to_numpy(x)
     return x
+
+
+def _special_id(piece, doc):
+    return property(lambda self: self._special[piece], doc=doc)
 
 
 def _read_proto(proto):
@@ -86,6 +92,19 @@ class GemmaTokenizer(keras.layers.Layer):
     ```
     """
 
+    presets = PresetMapping()
+
+    @classmethod
+    def from_preset(cls, preset, **kwargs):
+        """The tokenizer of a preset name, preset directory, .gguf file or hub handle.
+
+        Example:
+        >>> tokenizer = GemmaTokenizer.from_preset("gemma_2b_en")
+        """
+        from keras_gemma.checkpoints.loader import tokenizer_file
+
+        return cls(proto=tokenizer_file(preset), **kwargs)
+
     def __init__(self, proto=None, sequence_length=None, **kwargs):
         super().__init__(**kwargs)
         # Keep Keras from turning strings into backend tensors, and allow Python strings as
@@ -94,13 +113,8 @@ class GemmaTokenizer(keras.layers.Layer):
         self._allow_non_tensor_positional_args = True
         self.built = True
         if proto is None:
-            raise TypeError(
-                "GemmaTokenizer: `proto` is required: a path to a SentencePiece .model file "
-                "or its bytes."
-            )
-        if sequence_length is not None and (
-            not isinstance(sequence_length, (int, np.integer)) or sequence_length < 1
-        ):
+            raise TypeError("GemmaTokenizer: `proto` is required: a .model file path or its bytes.")
+        if sequence_length is not None and (not _is_int(sequence_length) or sequence_length < 1):
             raise ValueError(
                 "GemmaTokenizer: `sequence_length` must be a positive integer or None. "
                 f"Received: {sequence_length!r}."
@@ -119,11 +133,10 @@ class GemmaTokenizer(keras.layers.Layer):
             ) from None
         # An empty byte string "parses" into an uninitialized processor with no pieces.
         if processor.get_piece_size() == 0:
-            raise ValueError("GemmaTokenizer: `proto` is an empty SentencePiece model (no pieces).")
+            raise ValueError("GemmaTokenizer: `proto` is an empty SentencePiece model.")
         self._proto = proto
         self._sp = processor
         self._tf_tokenizer = None  # built on first graph use
-        self._vocabulary = None  # built on first get_vocabulary()
         self._special = {}
         for piece in ("<pad>", "<eos>", "<bos>", "<unk>"):
             self._special[piece] = self._find_piece(piece)
@@ -148,9 +161,8 @@ class GemmaTokenizer(keras.layers.Layer):
 
     def get_vocabulary(self):
         """All pieces, in id order."""
-        if self._vocabulary is None:
-            self._vocabulary = self._sp.id_to_piece(list(range(self.vocabulary_size())))
-        return list(self._vocabulary)
+        # Not cached: a Keras layer would wrap a cached list in a tracked list, element by element.
+        return self._sp.id_to_piece(list(range(self.vocabulary_size())))
 
     def id_to_token(self, id):
         """The piece string for an integer id."""
@@ -165,32 +177,12 @@ class GemmaTokenizer(keras.layers.Layer):
             raise TypeError(f"GemmaTokenizer.token_to_id expects a str. Received: {token!r}.")
         return self._sp.piece_to_id(token)
 
-    @property
-    def pad_token_id(self):
-        return self._special["<pad>"]
-
-    @property
-    def end_token_id(self):
-        return self._special["<eos>"]
-
-    @property
-    def start_token_id(self):
-        return self._special["<bos>"]
-
-    @property
-    def unk_token_id(self):
-        return self._special["<unk>"]
-
-    @property
-    def start_of_turn_id(self):
-        """Id of `<start_of_turn>` (106 in Gemma 1/2, 105 in Gemma 3), None if absent."""
-        return self._special["<start_of_turn>"]
-
-    @property
-    def end_of_turn_id(self):
-        """Id of `<end_of_turn>` (107 in Gemma 1/2, 106 in Gemma 3), None if absent."""
-        return self._special["<end_of_turn>"]
-
+    pad_token_id = _special_id("<pad>", "Id of `<pad>` (0 in Gemma).")
+    end_token_id = _special_id("<eos>", "Id of `<eos>` (1 in Gemma).")
+    start_token_id = _special_id("<bos>", "Id of `<bos>` (2 in Gemma).")
+    unk_token_id = _special_id("<unk>", "Id of `<unk>` (3 in Gemma).")
+    start_of_turn_id = _special_id("<start_of_turn>", "106 in Gemma 1/2, 105 in Gemma 3; or None.")
+    end_of_turn_id = _special_id("<end_of_turn>", "107 in Gemma 1/2, 106 in Gemma 3; or None.")
     pad_token, end_token, start_token = "<pad>", "<eos>", "<bos>"
 
     @property
@@ -210,44 +202,36 @@ class GemmaTokenizer(keras.layers.Layer):
         array when `sequence_length` is set); tf tensors (ragged for a batch) inside a graph."""
         if _in_tf_graph():
             return self._tokenize_tf(inputs)
-        strings = []
-        skeleton = _collect_strings(_to_python(inputs), strings)
+        strings, single = _as_strings(_to_python(inputs))
         ids = self._sp.encode(strings) if strings else []
         if self.sequence_length is not None:
-            ids = [self._pad(row) for row in ids]
-        if isinstance(skeleton, int):
-            return np.asarray(ids[0], dtype="int32")
-        nested = _rebuild(skeleton, ids)
-        if self.sequence_length is not None:
-            return np.asarray(nested, dtype="int32").reshape(_shape(skeleton) + (self.sequence_length,))
-        return nested
-
-    def _pad(self, row):
-        row = row[: self.sequence_length]
-        return row + [self.pad_token_id] * (self.sequence_length - len(row))
+            n = self.sequence_length
+            ids = np.array([row[:n] + [self.pad_token_id] * (n - len(row)) for row in ids], "int32")
+            ids = ids.reshape(len(strings), n)
+        return np.asarray(ids[0], dtype="int32") if single else ids
 
     def detokenize(self, inputs):
         """Ids -> strings: a str for one sequence, a list of str for a batch; tf in a graph."""
         if _in_tf_graph():
             return self._detokenize_tf(inputs)
         inputs = _to_python(inputs)
+        if isinstance(inputs, (int, np.generic)):
+            inputs = np.asarray(inputs)
         if isinstance(inputs, np.ndarray):
             if inputs.dtype.kind not in "iu":
-                raise TypeError(
-                    f"GemmaTokenizer.detokenize expects integer ids. Received dtype {inputs.dtype}."
-                )
+                raise TypeError(f"GemmaTokenizer.detokenize expects int ids, not {inputs.dtype}")
             if inputs.ndim == 0:
-                raise TypeError("GemmaTokenizer.detokenize expects a sequence of ids, not a scalar.")
+                raise TypeError("GemmaTokenizer.detokenize expects a sequence of ids, not a scalar")
             inputs = inputs.tolist()
         if not isinstance(inputs, (list, tuple)):
             raise TypeError(
                 "GemmaTokenizer.detokenize expects a sequence of integer ids or a batch of them. "
                 f"Received: {type(inputs).__name__}."
             )
-        if all(_is_int(v) for v in inputs):
-            self._check_ids(inputs)
-            return self._sp.decode([int(v) for v in inputs])
-        return [self.detokenize(row) for row in inputs]
+        if all(isinstance(v, (list, tuple, np.ndarray)) for v in inputs) and inputs:
+            return [self.detokenize(row) for row in inputs]
+        self._check_ids(inputs)
+        return self._sp.decode([int(v) for v in inputs])
 
     def _check_ids(self, ids):
         size = self.vocabulary_size()
@@ -275,9 +259,7 @@ class GemmaTokenizer(keras.layers.Layer):
             # Build the op's resource eagerly even when first asked from inside a tf.data or
             # tf.function trace, so every later trace captures the same resource.
             with tf.init_scope():
-                self._tf_tokenizer = tf_text.SentencepieceTokenizer(
-                    model=self._proto, out_type=tf.int32
-                )
+                self._tf_tokenizer = tf_text.SentencepieceTokenizer(self._proto, out_type=tf.int32)
         return self._tf_tokenizer
 
     def _tokenize_tf(self, inputs):
@@ -285,9 +267,7 @@ class GemmaTokenizer(keras.layers.Layer):
         if not _is_tf_tensor(inputs):
             inputs = tf.convert_to_tensor(inputs)
         if inputs.dtype != tf.string:
-            raise TypeError(
-                f"GemmaTokenizer.tokenize expects strings. Received a tensor of dtype {inputs.dtype}."
-            )
+            raise TypeError(f"GemmaTokenizer.tokenize expects strings, not {inputs.dtype}.")
         scalar = inputs.shape.rank == 0
         if scalar:
             inputs = tf.expand_dims(inputs, 0)
@@ -306,9 +286,7 @@ class GemmaTokenizer(keras.layers.Layer):
             except ValueError:  # a ragged Python list
                 inputs = tf.ragged.constant(inputs)
         if not inputs.dtype.is_integer:
-            raise TypeError(
-                f"GemmaTokenizer.detokenize expects integer ids. Received dtype {inputs.dtype}."
-            )
+            raise TypeError(f"GemmaTokenizer.detokenize expects integer ids, not {inputs.dtype}.")
         ids = tf.cast(inputs, "int32")
         flat = ids.flat_values if isinstance(ids, tf.RaggedTensor) else tf.reshape(ids, [-1])
         size = self.vocabulary_size()
@@ -344,9 +322,7 @@ class GemmaTokenizer(keras.layers.Layer):
                 "<end_of_turn> pieces; chat prompts need an instruction-tuned Gemma vocabulary."
             )
         turns = _chat_turns(messages)
-        text = "".join(
-            f"<start_of_turn>{role}\n{content}<end_of_turn>\n" for role, content in turns
-        )
+        text = "".join(f"<start_of_turn>{role}\n{text}<end_of_turn>\n" for role, text in turns)
         if add_generation_prompt:
             text += "<start_of_turn>model\n"
         return text
@@ -372,17 +348,16 @@ class GemmaTokenizer(keras.layers.Layer):
         config = super().get_config()
         # The model bytes travel inside the config (base64 text survives JSON), so a config
         # alone rebuilds the tokenizer, as a saved preset or .keras file needs.
-        config.update(
-            {
-                "proto_base64": base64.b64encode(self._proto).decode("ascii"),
-                "sequence_length": self.sequence_length,
-            }
-        )
+        config["proto_base64"] = base64.b64encode(self._proto).decode("ascii")
+        config["sequence_length"] = self.sequence_length
         return config
 
     @classmethod
     def from_config(cls, config):
         config = dict(config)
+        if isinstance(config.get("proto"), str):
+            # A config names no files: loading a saved model must not read paths it was given.
+            raise ValueError("GemmaTokenizer.from_config: expected `proto_base64`, got a path.")
         encoded = config.pop("proto_base64", None)
         if encoded is not None:
             config["proto"] = base64.b64decode(encoded)
@@ -393,74 +368,61 @@ def _is_int(v):
     return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
-def _collect_strings(inputs, out):
-    """Append the strings of a (nested) input to `out`; return its shape as indices/lists."""
-    if isinstance(inputs, np.ndarray):
-        if inputs.dtype.kind not in "USO":
-            raise TypeError(
-                "GemmaTokenizer.tokenize expects strings. Received a numpy array of dtype "
-                f"{inputs.dtype}."
-            )
-        inputs = inputs.tolist()
-    if isinstance(inputs, bytes):
+def _as_str(x):
+    if isinstance(x, bytes):
         try:
-            inputs = inputs.decode("utf-8")
+            return x.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise ValueError(f"GemmaTokenizer.tokenize: bytes input is not valid UTF-8 ({e}).") from None
-    if isinstance(inputs, str):
-        out.append(inputs)
-        return len(out) - 1
-    if isinstance(inputs, (list, tuple)):
-        return [_collect_strings(x, out) for x in inputs]
+            raise ValueError(f"GemmaTokenizer.tokenize: bytes are not valid UTF-8 ({e}).") from None
+    if isinstance(x, str):
+        return x
     raise TypeError(
-        "GemmaTokenizer.tokenize expects a string, a list of strings or a string array/tensor. "
-        f"Received: {type(inputs).__name__} ({inputs!r:.60})."
+        "GemmaTokenizer.tokenize expects a string or a 1-D batch of strings. "
+        f"Received: {type(x).__name__} ({x!r:.60})."
     )
 
 
-def _rebuild(skeleton, values):
-    if isinstance(skeleton, int):
-        return values[skeleton]
-    return [_rebuild(s, values) for s in skeleton]
-
-
-def _shape(skeleton):
-    shape = []
-    while isinstance(skeleton, list):
-        shape.append(len(skeleton))
-        if not skeleton:
-            break
-        skeleton = skeleton[0]
-    return tuple(shape)
+def _as_strings(inputs):
+    """(list of str, whether the input was a single string) for the eager engine."""
+    if isinstance(inputs, np.ndarray):
+        if inputs.dtype.kind not in "USO":
+            raise TypeError(
+                f"GemmaTokenizer.tokenize expects strings. Received a numpy array of {inputs.dtype}"
+            )
+        inputs = inputs.tolist()
+    if isinstance(inputs, (list, tuple)):
+        return [_as_str(x) for x in inputs], False
+    return [_as_str(inputs)], True
 
 
 def _chat_turns(messages):
     """Validate chat messages; return [(gemma_role, content)] with the system text folded in."""
+    where = "apply_chat_template"
     if not isinstance(messages, (list, tuple)) or not messages:
-        raise TypeError("apply_chat_template expects a non-empty list of {'role', 'content'} dicts.")
+        raise TypeError(f"{where} expects a non-empty list of {{'role', 'content'}} dicts.")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise TypeError(f"apply_chat_template: message {i} must be a dict with 'role' and 'content'.")
+            raise TypeError(f"{where}: message {i} must be a dict with 'role' and 'content'.")
         if not isinstance(m["content"], str):
-            raise TypeError(f"apply_chat_template: message {i} content must be a str.")
+            raise TypeError(f"{where}: message {i} content must be a str.")
         if m["role"] != "system" and m["role"] not in _CHAT_ROLES:
             raise ValueError(
-                f"apply_chat_template: message {i} has unknown role {m['role']!r}; expected "
+                f"{where}: message {i} has unknown role {m['role']!r}; expected "
                 "'system', 'user', 'model' or 'assistant'."
             )
     system = None
     if messages[0]["role"] == "system":
         system, messages = messages[0]["content"].strip(), messages[1:]
         if not messages or messages[0]["role"] != "user":
-            raise ValueError("apply_chat_template: a system message must be followed by a user message.")
+            raise ValueError(f"{where}: a system message must be followed by a user message.")
     turns = []
     for i, m in enumerate(messages):
         role = _CHAT_ROLES.get(m["role"])
         if role is None:
-            raise ValueError("apply_chat_template: only the first message may have role 'system'.")
+            raise ValueError(f"{where}: only the first message may have role 'system'.")
         if role != ("user" if i % 2 == 0 else "model"):
             raise ValueError(
-                "apply_chat_template: roles must alternate user/model starting with user; "
+                f"{where}: roles must alternate user/model starting with user; "
                 f"message {i + (system is not None)} has role {m['role']!r}."
             )
         content = m["content"].strip()

@@ -1,9 +1,10 @@
 """A tiny SentencePiece model trained with Gemma's settings, once per test session.
 
-The special pieces sit where Gemma 1 and 2 put them: `<pad>` 0, `<eos>` 1, `<bos>` 2, `<unk>` 3,
-`<mask>` 4, `[@BOS@]` 5, `<unused0>`..`<unused99>` 6..105, `<start_of_turn>` 106,
-`<end_of_turn>` 107, then whitespace-run pieces. So code that hard-codes nothing but looks the
-chat pieces up by name is exercised on the same ids as the real vocabulary.
+Settings as in Gemma's tokenizer.model: BPE, byte fallback, split digits, identity normalizer,
+no dummy prefix, whitespace kept, `<pad>` 0, `<eos>` 1, `<bos>` 2, `<unk>` 3. Then user-defined
+pieces: `<mask>` 4, `[@BOS@]` 5 and `<unused0>`..`<unused99>` 6..105 as fillers, so that
+`<start_of_turn>` is 106 and `<end_of_turn>` 107 as in Gemma 1 and 2, then whitespace runs
+(108..116). Code that looks the chat pieces up by name thus meets the real ids.
 """
 
 import io
@@ -20,8 +21,9 @@ VOCAB_SIZE = 1000
 # User-defined pieces are matched greedily before BPE, as in Gemma's vocabulary. SentencePiece
 # stores a space as "▁" before matching, so space runs are written with "▁".
 _FILLER = ["<mask>", "[@BOS@]"] + [f"<unused{i}>" for i in range(100)]
-_WHITESPACE_RUNS = ["\n", "\n\n", "\n\n\n", "\t", "\t\t", "▁▁", "▁▁▁", "▁▁▁▁", "▁▁▁▁▁▁▁▁"]
-USER_DEFINED_SYMBOLS = _FILLER + ["<start_of_turn>", "<end_of_turn>"] + _WHITESPACE_RUNS
+_WHITESPACE_RUNS = ["\n", "\n\n", "\n\n\n", "\t", "\t\t"] + ["▁" * n for n in (2, 3, 4, 8)]
+_CHAT = ["<start_of_turn>", "<end_of_turn>"]
+USER_DEFINED_SYMBOLS = _FILLER + _CHAT + _WHITESPACE_RUNS
 
 
 def _training_sentences():
@@ -46,8 +48,13 @@ def _training_sentences():
     return sentences
 
 
-def train_gemma_like_model():
-    """Train the model and return its serialized bytes."""
+def train_gemma_like_model(whitespace_pieces=True):
+    """Train the model and return its serialized bytes.
+
+    `whitespace_pieces=False` leaves out the space/tab/newline runs (the chat pieces keep their
+    ids), for comparisons with tokenizers that treat those pieces differently.
+    """
+    symbols = USER_DEFINED_SYMBOLS if whitespace_pieces else _FILLER + _CHAT
     buffer = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(_training_sentences()),
@@ -69,18 +76,18 @@ def train_gemma_like_model():
         eos_piece="<eos>",
         bos_piece="<bos>",
         unk_piece="<unk>",
-        user_defined_symbols=USER_DEFINED_SYMBOLS,
+        user_defined_symbols=symbols,
         minloglevel=2,
         num_threads=1,
     )
     return buffer.getvalue()
 
 
-def gemma_like_model_file(directory):
+def gemma_like_model_file(directory, whitespace_pieces=True):
     """Write `tokenizer.model` into `directory` (once) and return its path."""
     path = os.path.join(directory, "tokenizer.model")
     if not os.path.exists(path):
-        proto = train_gemma_like_model()
+        proto = train_gemma_like_model(whitespace_pieces)
         processor = spm.SentencePieceProcessor(model_proto=proto)
         # Guard the ids the tests state, so a change of settings cannot move them silently.
         assert processor.piece_to_id("<start_of_turn>") == START_OF_TURN_ID

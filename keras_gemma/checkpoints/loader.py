@@ -10,6 +10,7 @@ import json
 import os
 
 from keras_gemma.checkpoints import handles, huggingface, keras_hub, preset_cards, preset_format
+from keras_gemma.layers.initialization import skip_random_initialization
 
 
 @dataclasses.dataclass
@@ -108,7 +109,11 @@ def load_backbone(handle, dtype=None, load_weights=True):
     arguments.pop("trainable", None)
     if dtype is not None or "dtype" not in arguments:
         arguments["dtype"] = dtype
-    backbone = GemmaBackbone.from_config(arguments)
+    if load_weights:
+        with skip_random_initialization():
+            backbone = GemmaBackbone.from_config(arguments)
+    else:
+        backbone = GemmaBackbone.from_config(arguments)
     if load_weights:
         if resolved.kind == "keras_gemma":
             preset_format.load_weights(backbone, resolved.path)

@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_gemma.layers.initialization import initializer
 from keras_gemma.layers.normalization import RMSNormalization
 from keras_gemma.layers.rotary import rotary_embedding
 
@@ -106,6 +107,7 @@ class GemmaAttention(keras.layers.Layer):
         self.query_dense = keras.layers.EinsumDense(
             "btd,ndh->btnh",
             output_shape=(None, self.num_query_heads, self.head_dim),
+            kernel_initializer=initializer("glorot_uniform"),
             dtype=policy,
             name="query",
         )
@@ -113,6 +115,7 @@ class GemmaAttention(keras.layers.Layer):
         self.key_dense = keras.layers.EinsumDense(
             "btd,kdh->btkh",
             output_shape=(None, self.num_key_value_heads, self.head_dim),
+            kernel_initializer=initializer("glorot_uniform"),
             dtype=policy,
             name="key",
         )
@@ -120,12 +123,17 @@ class GemmaAttention(keras.layers.Layer):
         self.value_dense = keras.layers.EinsumDense(
             "btd,kdh->btkh",
             output_shape=(None, self.num_key_value_heads, self.head_dim),
+            kernel_initializer=initializer("glorot_uniform"),
             dtype=policy,
             name="value",
         )
         self.value_dense.build(input_shape)
         self.output_dense = keras.layers.EinsumDense(
-            "btnh,nhd->btd", output_shape=(None, hidden_dim), dtype=policy, name="attention_output"
+            "btnh,nhd->btd",
+            output_shape=(None, hidden_dim),
+            kernel_initializer=initializer("glorot_uniform"),
+            dtype=policy,
+            name="attention_output",
         )
         self.output_dense.build((None, None, self.num_query_heads, self.head_dim))
         if self.use_query_key_norm:

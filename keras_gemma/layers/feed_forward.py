@@ -3,6 +3,8 @@
 import keras
 from keras import ops
 
+from keras_gemma.layers.initialization import initializer
+
 
 @keras.saving.register_keras_serializable(package="keras_gemma")
 class GemmaFeedForward(keras.layers.Layer):
@@ -28,15 +30,27 @@ class GemmaFeedForward(keras.layers.Layer):
         hidden_dim = input_shape[-1]
         width = self.intermediate_dim // 2
         self.gate_dense = keras.layers.EinsumDense(
-            "btd,df->btf", output_shape=(None, width), dtype=self.dtype_policy, name="gate"
+            "btd,df->btf",
+            output_shape=(None, width),
+            kernel_initializer=initializer("glorot_uniform"),
+            dtype=self.dtype_policy,
+            name="gate",
         )
         self.gate_dense.build(input_shape)
         self.up_dense = keras.layers.EinsumDense(
-            "btd,df->btf", output_shape=(None, width), dtype=self.dtype_policy, name="up"
+            "btd,df->btf",
+            output_shape=(None, width),
+            kernel_initializer=initializer("glorot_uniform"),
+            dtype=self.dtype_policy,
+            name="up",
         )
         self.up_dense.build(input_shape)
         self.down_dense = keras.layers.EinsumDense(
-            "btf,fd->btd", output_shape=(None, hidden_dim), dtype=self.dtype_policy, name="down"
+            "btf,fd->btd",
+            output_shape=(None, hidden_dim),
+            kernel_initializer=initializer("glorot_uniform"),
+            dtype=self.dtype_policy,
+            name="down",
         )
         self.down_dense.build((None, None, width))
         self.built = True

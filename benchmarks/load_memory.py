@@ -1,0 +1,147 @@
+"""Peak memory while loading a 2B-shape bfloat16 checkpoint: keras_gemma against KerasHub.
+
+The benchmark writes a gemma_2b_en-shaped checkpoint of random bfloat16 weights (5.0 GB) in
+two layouts, tensor by tensor so that writing it needs little memory: KerasHub's preset
+layout (config.json + model.weights.h5, as KerasHub's save_to_preset writes it) and
+keras_gemma's (config.json + model.safetensors). Each load then runs in a fresh process that
+reports its own peak resident memory (ru_maxrss):
+
+- KerasHub's `GemmaBackbone.from_preset` on the KerasHub preset;
+- keras_gemma's `GemmaBackbone.from_preset` on the same KerasHub preset;
+- keras_gemma's `GemmaBackbone.from_preset` on its own preset.
+
+Usage: python benchmarks/load_memory.py [--dir /tmp/gemma_2b_bf16] [--backend jax]
+       [--shape 2b|tiny]
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import ml_dtypes
+import numpy as np
+
+SHAPES = {
+    "2b": dict(vocabulary_size=256000, num_layers=18, num_query_heads=8, num_key_value_heads=1,
+               hidden_dim=2048, intermediate_dim=32768, head_dim=256),
+    "tiny": dict(vocabulary_size=4096, num_layers=2, num_query_heads=4, num_key_value_heads=1,
+                 hidden_dim=256, intermediate_dim=1024, head_dim=64),
+}
+
+
+def _tensors(shape):
+    """(keras_gemma path, KerasHub h5 path, shape) for every weight of the architecture."""
+    hidden, heads, kv = shape["hidden_dim"], shape["num_query_heads"], shape["num_key_value_heads"]
+    head_dim, width = shape["head_dim"], shape["intermediate_dim"] // 2
+    yield "token_embedding/embeddings", "layers/reversible_embedding/vars/0", (shape["vocabulary_size"], hidden)
+    for i in range(shape["num_layers"]):
+        ours = f"decoder_block_{i}/"
+        theirs = f"layers/gemma_decoder_block{'' if i == 0 else f'_{i}'}/"
+        yield ours + "pre_attention_norm/scale", theirs + "pre_attention_norm/vars/0", (hidden,)
+        yield ours + "attention/query/kernel", theirs + "attention/query_dense/vars/0", (heads, hidden, head_dim)
+        yield ours + "attention/key/kernel", theirs + "attention/key_dense/vars/0", (kv, hidden, head_dim)
+        yield ours + "attention/value/kernel", theirs + "attention/value_dense/vars/0", (kv, hidden, head_dim)
+        yield ours + "attention/attention_output/kernel", theirs + "attention/output_dense/vars/0", (heads, head_dim, hidden)
+        yield ours + "pre_ffw_norm/scale", theirs + "pre_ffw_norm/vars/0", (hidden,)
+        yield ours + "feed_forward/gate/kernel", theirs + "gating_ffw/vars/0", (hidden, width)
+        yield ours + "feed_forward/up/kernel", theirs + "gating_ffw_2/vars/0", (hidden, width)
+        yield ours + "feed_forward/down/kernel", theirs + "ffw_linear/vars/0", (width, hidden)
+    yield "final_normalization/scale", "layers/rms_normalization/vars/0", (hidden,)
+
+
+def write_checkpoints(directory, shape):
+    import h5py
+
+    from keras_gemma.checkpoints.safetensors_io import write_safetensors
+
+    keras_hub_dir = os.path.join(directory, "keras_hub")
+    ours_dir = os.path.join(directory, "keras_gemma")
+    if os.path.exists(os.path.join(ours_dir, "config.json")):
+        return keras_hub_dir, ours_dir
+    os.makedirs(keras_hub_dir, exist_ok=True)
+    os.makedirs(ours_dir, exist_ok=True)
+    rng = np.random.default_rng(0)
+    tensors = {}
+    with h5py.File(os.path.join(keras_hub_dir, "model.weights.h5"), "w") as h5:
+        for ours, theirs, tensor_shape in _tensors(shape):
+            value = (rng.standard_normal(tensor_shape, dtype=np.float32) * 0.02).astype(ml_dtypes.bfloat16)
+            dataset = h5.create_dataset(theirs, data=value.view(np.uint16).view("V2"))
+            dataset.attrs["dtype"] = "bfloat16"
+            tensors[ours] = value
+    config = {
+        "module": "keras_hub.src.models.gemma.gemma_backbone",
+        "class_name": "GemmaBackbone",
+        "config": {**shape, "layer_norm_epsilon": 1e-6, "dropout": 0, "name": "gemma_backbone",
+                   "trainable": True, "dtype": {"module": "keras", "class_name": "DTypePolicy",
+                                                 "config": {"name": "bfloat16"}, "registered_name": None}},
+        "registered_name": "keras_hub>GemmaBackbone",
+    }
+    with open(os.path.join(keras_hub_dir, "config.json"), "w") as file:
+        json.dump(config, file)
+    with open(os.path.join(keras_hub_dir, "metadata.json"), "w") as file:
+        json.dump({"keras_version": "3.15.1", "keras_hub_version": "0.32.0", "parameter_count": 0}, file)
+    write_safetensors(os.path.join(ours_dir, "model.safetensors"), tensors)
+    del tensors
+    with open(os.path.join(ours_dir, "config.json"), "w") as file:
+        json.dump({"keras_gemma_format": 1, "backbone": {"class_name": "GemmaBackbone",
+                   "config": {**shape, "dtype": "bfloat16"}}, "metadata": {}}, file)
+    return keras_hub_dir, ours_dir
+
+
+LOADER = r"""
+import resource, sys, time
+started = time.perf_counter()
+which, path = sys.argv[1], sys.argv[2]
+if which == "keras_hub":
+    import keras_hub
+    model = keras_hub.models.GemmaBackbone.from_preset(path, dtype="bfloat16")
+else:
+    import keras_gemma
+    model = keras_gemma.GemmaBackbone.from_preset(path, dtype="bfloat16")
+elapsed = time.perf_counter() - started
+print(f"RESULT {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024} {elapsed:.1f}")
+"""
+
+
+def measure(which, path, backend):
+    environment = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+    result = subprocess.run([sys.executable, "-c", LOADER, which, path], env=environment,
+                            capture_output=True, text=True)
+    for line in result.stdout.splitlines():
+        if line.startswith("RESULT"):
+            _, peak, seconds = line.split()
+            return int(peak), float(seconds)
+    raise RuntimeError(f"{which} failed:\n{result.stderr[-3000:]}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dir", default="/tmp/keras_gemma_load_benchmark")
+    parser.add_argument("--backend", default="jax")
+    parser.add_argument("--shape", default="2b", choices=sorted(SHAPES))
+    args = parser.parse_args()
+    shape = SHAPES[args.shape]
+    directory = os.path.join(args.dir, args.shape)
+    started = time.perf_counter()
+    keras_hub_dir, ours_dir = write_checkpoints(directory, shape)
+    print(f"checkpoints ready in {time.perf_counter() - started:.0f} s under {directory}")
+    from keras_gemma import GemmaBackbone
+
+    weight_bytes = GemmaBackbone.parameter_count(shape) * 2
+    rows = [
+        ("KerasHub from_preset (KerasHub preset)", "keras_hub", keras_hub_dir),
+        ("keras_gemma from_preset (KerasHub preset)", "keras_gemma", keras_hub_dir),
+        ("keras_gemma from_preset (keras_gemma preset)", "keras_gemma", ours_dir),
+    ]
+    print(f"backend {args.backend}; bfloat16 weights: {weight_bytes / 1e9:.2f} GB")
+    print(f"{'loader':48s} {'peak RSS GB':>11s} {'x weights':>9s} {'seconds':>8s}")
+    for label, which, path in rows:
+        peak, seconds = measure(which, path, args.backend)
+        print(f"{label:48s} {peak / 1e9:11.2f} {peak / weight_bytes:9.2f} {seconds:8.1f}")
+
+
+if __name__ == "__main__":
+    main()

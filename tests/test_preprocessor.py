@@ -1,0 +1,212 @@
+"""GemmaCausalLMPreprocessor: packing, shifting, generation in and out, graphs, config."""
+
+import json
+import warnings
+
+import keras
+import numpy as np
+import pytest
+from tokenizer_corpus import CORPUS
+
+from keras_gemma.preprocessor import GemmaCausalLMPreprocessor
+from keras_gemma.tokenizer import GemmaTokenizer
+
+BOS, EOS, PAD = 2, 1, 0
+
+
+@pytest.fixture(scope="module")
+def tokenizer(sentencepiece_proto):
+    return GemmaTokenizer(proto=sentencepiece_proto)
+
+
+@pytest.fixture
+def preprocessor(tokenizer):
+    return GemmaCausalLMPreprocessor(tokenizer, sequence_length=12)
+
+
+def _expected_packed(tokenizer, text, length, start=True, end=True):
+    """The packed row written out by hand: [bos] + ids (truncated) + [eos], then padding."""
+    ids = tokenizer(text).tolist()
+    room = length - start - end
+    row = [BOS] * start + ids[:room] + [EOS] * end
+    return row + [PAD] * (length - len(row)), [True] * len(row) + [False] * (length - len(row))
+
+
+def test_training_outputs_are_the_shifted_sequence(tokenizer, preprocessor):
+    texts = ["hello world", "", "The quick brown fox jumps over the lazy dog.", "a"]
+    x, y, sample_weight = preprocessor(texts)
+    assert set(x) == {"token_ids", "padding_mask"}
+    assert x["token_ids"].dtype == np.int32 and x["token_ids"].shape == (4, 12)
+    assert x["padding_mask"].dtype == bool and y.shape == sample_weight.shape == (4, 12)
+    for i, text in enumerate(texts):
+        row, mask = _expected_packed(tokenizer, text, 13)
+        assert x["token_ids"][i].tolist() == row[:-1]
+        assert x["padding_mask"][i].tolist() == mask[:-1]
+        assert y[i].tolist() == row[1:]
+        assert sample_weight[i].tolist() == mask[1:]
+    # The empty string: predict <eos> after <bos>, nothing else counts.
+    assert x["token_ids"][1, :2].tolist() == [BOS, EOS] and y[1, 0] == EOS
+    assert sample_weight[1].tolist() == [True] + [False] * 11
+    # Truncation keeps <eos> as the last label.
+    assert y[2, -1] == EOS and sample_weight[2].all() and x["token_ids"][2, 0] == BOS
+
+
+def test_single_string_and_flags(tokenizer):
+    pre = GemmaCausalLMPreprocessor(tokenizer, sequence_length=6, add_end_token=False)
+    x, y, sample_weight = pre("hello world")
+    row, mask = _expected_packed(tokenizer, "hello world", 7, end=False)
+    assert x["token_ids"].tolist() == row[:-1] and y.tolist() == row[1:]
+    assert EOS not in x["token_ids"].tolist() + y.tolist()
+    pre = GemmaCausalLMPreprocessor(tokenizer, sequence_length=6, add_start_token=False)
+    x, _, _ = pre(["a"])
+    assert x["token_ids"][0].tolist() == _expected_packed(tokenizer, "a", 7, start=False)[0][:-1]
+    # A per-call sequence_length.
+    x, y, _ = pre(["a", "bb"], sequence_length=3)
+    assert x["token_ids"].shape == y.shape == (2, 3)
+
+
+def test_generate_preprocess_has_no_end_token(tokenizer, preprocessor):
+    texts = ["hello world", "", "The quick brown fox jumps over the lazy dog."]
+    out = preprocessor.generate_preprocess(texts)
+    assert out["token_ids"].shape == (3, 12) and out["padding_mask"].dtype == bool
+    assert not (out["token_ids"] == EOS).any()
+    for i, text in enumerate(texts):
+        row, mask = _expected_packed(tokenizer, text, 12, end=False)
+        assert out["token_ids"][i].tolist() == row
+        assert out["padding_mask"][i].tolist() == mask
+    one = preprocessor.generate_preprocess("hello", sequence_length=4)
+    assert one["token_ids"].tolist() == _expected_packed(tokenizer, "hello", 4, end=False)[0]
+
+
+def test_generate_postprocess_strips_special_tokens(tokenizer, preprocessor):
+    hello = tokenizer("hello").tolist()
+    token_ids = np.array(
+        [
+            [BOS] + hello + [106, 107, EOS, PAD, PAD, PAD],
+            [BOS, 106] + hello + [107] + hello + [PAD],
+        ],
+        dtype="int32",
+    )
+    # The mask hides the last "hello" of the second row, as a generation loop does past <eos>.
+    padding_mask = token_ids != PAD
+    padding_mask[1, -len(hello) - 1 :] = False
+    out = preprocessor.generate_postprocess({"token_ids": token_ids, "padding_mask": padding_mask})
+    assert out == ["hello", "hello"]
+    # Backend tensors (what a model returns) work as well, and a single row gives a str.
+    tensors = {
+        "token_ids": keras.ops.convert_to_tensor(token_ids),
+        "padding_mask": keras.ops.convert_to_tensor(padding_mask),
+    }
+    assert preprocessor.generate_postprocess(tensors) == ["hello", "hello"]
+    row = {"token_ids": token_ids[0], "padding_mask": padding_mask[0]}
+    assert preprocessor.generate_postprocess(row) == "hello"
+
+
+def test_round_trip_through_generation_formats(preprocessor):
+    texts = [s for s in CORPUS if len(s) < 12]
+    packed = preprocessor.generate_preprocess(texts, sequence_length=64)
+    assert preprocessor.generate_postprocess(packed) == texts
+
+
+def test_chat_prompt(tokenizer, preprocessor):
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}])
+    packed = preprocessor.generate_preprocess([prompt], sequence_length=32)
+    ids = packed["token_ids"][0].tolist()
+    assert ids[:2] == [BOS, 106] and 107 in ids
+    # The turn markers go; the role names, which are plain text, stay.
+    assert preprocessor.generate_postprocess(packed) == ["user\nHi\nmodel\n"]
+
+
+def test_matches_keras_hub(sentencepiece_proto, tokenizer):
+    keras_hub = pytest.importorskip("keras_hub")
+    reference = keras_hub.models.GemmaCausalLMPreprocessor(
+        keras_hub.models.GemmaTokenizer(proto=sentencepiece_proto), sequence_length=16
+    )
+    ours = GemmaCausalLMPreprocessor(tokenizer, sequence_length=16)
+    (x, y, w), (rx, ry, rw) = ours(CORPUS), reference(CORPUS)
+    for a, b in [(x["token_ids"], rx["token_ids"]), (x["padding_mask"], rx["padding_mask"])]:
+        assert np.array_equal(a, np.asarray(b))
+    assert np.array_equal(y, np.asarray(ry)) and np.array_equal(w, np.asarray(rw))
+    gen, rgen = ours.generate_preprocess(CORPUS), reference.generate_preprocess(CORPUS)
+    assert np.array_equal(gen["token_ids"], np.asarray(rgen["token_ids"]))
+    assert np.array_equal(gen["padding_mask"], np.asarray(rgen["padding_mask"]))
+
+
+def test_tf_data_matches_eager(preprocessor):
+    tf = pytest.importorskip("tensorflow")
+    pytest.importorskip("tensorflow_text")
+    x, y, w = preprocessor(CORPUS)
+    ds = tf.data.Dataset.from_tensor_slices(CORPUS).batch(64).map(preprocessor)
+    batches = list(ds)
+    assert isinstance(batches[0][0]["token_ids"], tf.Tensor)
+    gx = np.concatenate([b[0]["token_ids"].numpy() for b in batches])
+    gm = np.concatenate([b[0]["padding_mask"].numpy() for b in batches])
+    gy = np.concatenate([b[1].numpy() for b in batches])
+    gw = np.concatenate([b[2].numpy() for b in batches])
+    assert np.array_equal(gx, x["token_ids"]) and np.array_equal(gm, x["padding_mask"])
+    assert np.array_equal(gy, y) and np.array_equal(gw, w)
+    # Unbatched elements, and generation formats, inside graphs.
+    first = next(iter(tf.data.Dataset.from_tensor_slices(CORPUS).map(preprocessor)))
+    assert first[0]["token_ids"].shape == (12,)
+    assert np.array_equal(first[0]["token_ids"].numpy(), x["token_ids"][0])
+    texts = [s for s in CORPUS if len(s) < 12]
+    ds = tf.data.Dataset.from_tensor_slices(texts).batch(16)
+    ds = ds.map(lambda t: preprocessor.generate_preprocess(t, sequence_length=64))
+    back = [s.decode("utf-8") for b in ds.map(preprocessor.generate_postprocess) for s in b.numpy()]
+    assert back == texts
+
+
+@pytest.mark.parametrize("bad", [1, 0, -3, 2.5, "8", True, None])
+def test_sequence_length_must_be_at_least_two(tokenizer, preprocessor, bad):
+    with pytest.raises(ValueError, match="`sequence_length` must be an integer >= 2"):
+        GemmaCausalLMPreprocessor(tokenizer, sequence_length=bad)
+    if bad is not None:  # None means "the layer's own length" in calls
+        with pytest.raises(ValueError, match="`sequence_length` must be an integer >= 2"):
+            preprocessor(["a"], sequence_length=bad)
+        with pytest.raises(ValueError, match="`sequence_length` must be an integer >= 2"):
+            preprocessor.generate_preprocess(["a"], sequence_length=bad)
+
+
+def test_bad_inputs(sentencepiece_proto, tokenizer, preprocessor):
+    with pytest.raises(TypeError, match="must be a keras_gemma.GemmaTokenizer"):
+        GemmaCausalLMPreprocessor("tokenizer.model")
+    with pytest.raises(ValueError, match="tokenizer without `sequence_length`"):
+        GemmaCausalLMPreprocessor(GemmaTokenizer(proto=sentencepiece_proto, sequence_length=4))
+    with pytest.raises(TypeError, match="expects a string.*Received: int"):
+        preprocessor([1, 2])
+    with pytest.raises(TypeError, match="numpy array of float64"):
+        preprocessor.generate_preprocess(np.zeros((2,)))
+    with pytest.raises(TypeError, match="a string or a 1-D batch of strings"):
+        preprocessor([["a"], ["b"]])
+    with pytest.raises(TypeError, match="a dict with 'token_ids' and 'padding_mask'"):
+        preprocessor.generate_postprocess(np.zeros((1, 4), "int32"))
+    with pytest.raises(ValueError, match="token id 5000 is out of range"):
+        preprocessor.generate_postprocess(
+            {"token_ids": np.array([[2, 5000]]), "padding_mask": np.array([[True, True]])}
+        )
+    with pytest.warns(UserWarning, match="`y` / `sample_weight` passed in are ignored"):
+        preprocessor(["a"], y=np.zeros((1, 12)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        preprocessor(["a"])
+
+
+def test_config_round_trip(preprocessor):
+    pre = GemmaCausalLMPreprocessor(
+        preprocessor.tokenizer, sequence_length=7, add_end_token=False, name="pre"
+    )
+    config = json.loads(json.dumps(keras.saving.serialize_keras_object(pre)))
+    assert config["registered_name"] == "keras_gemma>GemmaCausalLMPreprocessor"
+    restored = keras.saving.deserialize_keras_object(config)
+    assert isinstance(restored, GemmaCausalLMPreprocessor) and restored.name == "pre"
+    assert isinstance(restored.tokenizer, GemmaTokenizer)
+    assert restored.tokenizer.proto == pre.tokenizer.proto
+    assert (restored.sequence_length, restored.add_start_token, restored.add_end_token) == (
+        7,
+        True,
+        False,
+    )
+    for a, b in zip(keras.tree.flatten(restored(CORPUS)), keras.tree.flatten(pre(CORPUS))):
+        assert np.array_equal(a, b)
+    again = GemmaCausalLMPreprocessor.from_config(preprocessor.get_config())
+    assert np.array_equal(again(CORPUS)[1], preprocessor(CORPUS)[1])
