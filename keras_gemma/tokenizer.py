@@ -101,9 +101,9 @@ class GemmaTokenizer(keras.layers.Layer):
         Example:
         >>> tokenizer = GemmaTokenizer.from_preset("gemma_2b_en")
         """
-        from keras_gemma.checkpoints.loader import tokenizer_file
+        from keras_gemma.checkpoints.loader import tokenizer_proto
 
-        return cls(proto=tokenizer_file(preset), **kwargs)
+        return cls(proto=tokenizer_proto(preset), **kwargs)
 
     def __init__(self, proto=None, sequence_length=None, **kwargs):
         super().__init__(**kwargs)

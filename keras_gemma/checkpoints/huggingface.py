@@ -8,9 +8,10 @@ transformers: tensors are memory-mapped from the safetensors files.
 import json
 import os
 
+import ml_dtypes
 import numpy as np
 
-from keras_gemma.checkpoints.safetensors_io import read_safetensors
+from keras_gemma.checkpoints.safetensors_io import SafetensorsFile
 
 SUPPORTED_MODEL_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma3")
 
@@ -147,24 +148,49 @@ def backbone_config_from_transformers(config):
     return arguments
 
 
+class _Shards:
+    """Several safetensors files read as one `{name: tensor}` mapping."""
+
+    def __init__(self, files):
+        self._owner = {}
+        for weights in files:
+            for name in weights.keys():
+                self._owner[name] = weights
+
+    def keys(self):
+        return self._owner.keys()
+
+    def __contains__(self, name):
+        return name in self._owner
+
+    def __iter__(self):
+        return iter(self._owner)
+
+    def __getitem__(self, name):
+        return self._owner[name][name]
+
+    def read(self, name):
+        return self._owner[name].read(name)
+
+
 def read_transformers_tensors(directory):
-    """`{name: memory-mapped array}` from model.safetensors or its sharded index."""
+    """All tensors of model.safetensors or its shards, memory-mapped, as one mapping."""
     index_path = os.path.join(directory, "model.safetensors.index.json")
     single_path = os.path.join(directory, "model.safetensors")
     if os.path.exists(index_path):
         with open(index_path) as file:
             weight_map = json.load(file)["weight_map"]
-        tensors = {}
+        files = []
         for shard in sorted(set(weight_map.values())):
             shard_path = os.path.join(directory, shard)
             if not os.path.exists(shard_path):
                 raise FileNotFoundError(
                     f"{index_path} names the shard {shard!r}, which is missing from {directory}."
                 )
-            tensors.update(read_safetensors(shard_path))
-        return tensors
+            files.append(SafetensorsFile(shard_path))
+        return _Shards(files)
     if os.path.exists(single_path):
-        return read_safetensors(single_path)
+        return _Shards([SafetensorsFile(single_path)])
     raise FileNotFoundError(
         f"{directory} has no model.safetensors (nor model.safetensors.index.json). "
         "keras_gemma reads safetensors only: never pickled .bin files, which can run code."
@@ -243,7 +269,10 @@ def assign_checked(variable, value, source_name):
             f"shape mismatch for {variable.path} (from {source_name!r}): the checkpoint has "
             f"{tuple(value.shape)}, the model expects {tuple(variable.shape)}."
         )
-    variable.assign(np.asarray(value, dtype=variable.dtype))
+    dtype = str(variable.dtype)
+    variable.assign(
+        np.asarray(value, dtype=ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
+    )
 
 
 def load_transformers_weights(backbone, directory):
@@ -254,7 +283,10 @@ def load_transformers_weights(backbone, directory):
     for variable, name, transform in pairs:
         if name not in tensors:
             raise ValueError(f"{directory}: the checkpoint lacks the tensor {name!r}.")
-        assign_checked(variable, transform(tensors[name]), name)
+        # The transforms are transposes and reshapes; ascontiguousarray makes the owned copy
+        # (never an alias of the memory map, which a backend could write into).
+        value = np.ascontiguousarray(transform(tensors.read(name)))
+        assign_checked(variable, value, name)
         used.add(name)
     # lm_head is the tied embedding in Gemma; other models' towers live outside the prefix.
     unknown = sorted(

@@ -104,6 +104,7 @@ def _read_h5_tensors(directory):
 def _as_array(dataset):
     array = dataset[()]
     if dataset.attrs.get("dtype") == "bfloat16" or array.dtype.kind == "V":
+        # Keras stores bfloat16 as opaque 2-byte records.
         array = array.view(ml_dtypes.bfloat16)
     return array
 

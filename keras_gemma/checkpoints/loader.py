@@ -125,13 +125,17 @@ def load_backbone(handle, dtype=None, load_weights=True):
     return backbone
 
 
-def tokenizer_file(handle):
-    """Path of the SentencePiece model of a preset."""
+def tokenizer_proto(handle):
+    """The serialized SentencePiece model of a preset, as bytes.
+
+    transformers 5 saves only tokenizer.json; the SentencePiece model is then rebuilt from it.
+    """
     resolved = resolve(handle)
     if resolved.kind == "gguf":
         from keras_gemma.checkpoints import gguf
 
-        return gguf.tokenizer_file(resolved.path)
+        with open(gguf.tokenizer_file(resolved.path), "rb") as file:
+            return file.read()
     candidates = {
         "keras_gemma": [preset_format.TOKENIZER_FILE],
         "keras_hub": [os.path.join("assets", "tokenizer", "vocabulary.spm")],
@@ -140,9 +144,16 @@ def tokenizer_file(handle):
     for candidate in candidates:
         path = os.path.join(resolved.path, candidate)
         if os.path.exists(path):
-            return path
+            with open(path, "rb") as file:
+                return file.read()
+    json_path = os.path.join(resolved.path, "tokenizer.json")
+    if resolved.kind == "transformers" and os.path.exists(json_path):
+        from keras_gemma.checkpoints.tokenizer_json import sentencepiece_proto_from_tokenizer_json
+
+        return sentencepiece_proto_from_tokenizer_json(json_path)
     raise FileNotFoundError(
-        f"{resolved.path} has no SentencePiece tokenizer ({' or '.join(candidates)})."
+        f"{resolved.path} has no tokenizer ({' or '.join(candidates)}"
+        f"{' or tokenizer.json' if resolved.kind == 'transformers' else ''})."
     )
 
 

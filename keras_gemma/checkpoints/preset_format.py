@@ -173,6 +173,11 @@ def check_class(config, section, where):
     return entry.get("config") or {}
 
 
+def _numpy_dtype(variable):
+    name = str(variable.dtype)
+    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+
+
 def load_weights(backbone, directory):
     """Fills `backbone` from model.safetensors, tensor by tensor."""
     path = os.path.join(directory, WEIGHTS_FILE)
@@ -192,6 +197,9 @@ def load_weights(backbone, directory):
             "match the weights?"
         )
     for name, variable in variables.items():
-        assign_checked(variable, weights[name], name)
-        weights.release(name)
+        if tuple(weights[name].shape) != tuple(variable.shape):
+            assign_checked(variable, weights[name], name)  # raises, naming both shapes
+        # An owned copy, never the memory map itself: a backend may alias the array it is
+        # given (JAX does on CPU) and later write into it.
+        assign_checked(variable, weights.read(name, dtype=_numpy_dtype(variable)), name)
     return backbone

@@ -110,18 +110,43 @@ class SafetensorsFile:
             self._map, dtype=dtype, count=count, offset=self._data_start + begin
         ).reshape(shape)
 
-    def release(self, name):
-        """Drops the pages of tensor `name` from resident memory (they stay readable)."""
-        if self._map is None or not hasattr(self._map, "madvise"):
+    def read(self, name, dtype=None, chunk_bytes=64 * 1024 * 1024):
+        """An owned, writable copy of tensor `name` (cast to `dtype`), read in chunks.
+
+        Each chunk's file pages are dropped from resident memory as soon as they are copied,
+        so reading a 1 GB tensor costs 1 GB plus one chunk, not 2 GB.
+        """
+        source = self[name]
+        target = np.empty(source.shape, dtype=dtype or source.dtype)
+        flat_source = source.reshape(-1)
+        flat_target = target.reshape(-1)
+        step = max(1, chunk_bytes // max(1, source.dtype.itemsize))
+        _, _, begin, _ = self._entries[name]
+        for start in range(0, flat_source.size, step):
+            stop = min(flat_source.size, start + step)
+            flat_target[start:stop] = flat_source[start:stop]
+            offset = self._data_start + begin + start * source.dtype.itemsize
+            self._release_range(offset, (stop - start) * source.dtype.itemsize)
+        return target
+
+    def _release_range(self, offset, length):
+        if self._map is None or not hasattr(self._map, "madvise") or length <= 0:
             return
-        _, _, begin, end = self._entries[name]
         page = mmap.PAGESIZE
-        start = (self._data_start + begin) // page * page
-        stop = self._data_start + end
+        start = offset // page * page
+        # Only whole pages inside the range: a neighbour's first page may still be in use.
+        stop = (offset + length) // page * page
+        if stop <= start:
+            return
         try:
             self._map.madvise(mmap.MADV_DONTNEED, start, stop - start)
         except (OSError, ValueError, AttributeError):
             pass
+
+    def release(self, name):
+        """Drops the pages of tensor `name` from resident memory (they stay readable)."""
+        _, _, begin, end = self._entries[name]
+        self._release_range(self._data_start + begin, end - begin)
 
     def close(self):
         # Arrays handed out keep the map alive; closing is left to the garbage collector.
