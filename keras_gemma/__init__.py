@@ -1,7 +1,9 @@
 """keras_gemma: Google's Gemma language models as Keras 3 layers and models."""
 
 from keras_gemma.backbone import GemmaBackbone
+from keras_gemma.causal_lm import GemmaCausalLM
 from keras_gemma.checkpoints.preset_cards import list_presets
+from keras_gemma.export import export_saved_model
 from keras_gemma.preprocessor import GemmaCausalLMPreprocessor
 from keras_gemma.tokenizer import GemmaTokenizer
 

@@ -1,1 +1,3 @@
-"""TF SavedModel export."""
+"""TF SavedModel export with `generate` and `logits` signatures."""
+
+from keras_gemma.export.saved_model import export_saved_model

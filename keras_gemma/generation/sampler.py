@@ -1,0 +1,122 @@
+"""The base class of the samplers that pick each generated token."""
+
+import keras
+import numpy as np
+from keras import ops
+
+
+def write_column(tokens, index, column):
+    """`tokens[:, index] = column` for a [batch, length] tensor and a dynamic `index`."""
+    return ops.slice_update(tokens, [0, index], ops.expand_dims(column, 1))
+
+
+def read_column(tokens, index):
+    """`tokens[:, index]` for a dynamic `index`."""
+    return ops.squeeze(ops.slice(tokens, [0, index], [ops.shape(tokens)[0], 1]), 1)
+
+
+def is_stop_token(token, stop_token_ids):
+    """Whether each entry of `token` is one of the (static) `stop_token_ids`."""
+    hit = ops.zeros_like(token, dtype="bool")
+    for stop in stop_token_ids or ():
+        hit = ops.logical_or(hit, ops.equal(token, stop))
+    return hit
+
+
+@keras.saving.register_keras_serializable(package="keras_gemma")
+class Sampler:
+    """Picks the next token from the logits at each decode step.
+
+    A subclass implements `next_token(logits, key, step)`; the decode loop calls `select`,
+    which keeps prompt tokens where a row's prompt is still running, writes `<pad>` after a
+    row has stopped, and marks rows that produced a stop token. Randomness comes from
+    `keras_gemma.generation.random_bits`, a pure function of a per-call key, so a seeded
+    sampler reproduces its sequence of outputs on every backend and inside compiled loops.
+
+    Args:
+        temperature: logits are divided by it before sampling (ignored by greedy search).
+        seed: int or None. With a seed, the n-th `generate()` call draws with key
+            `(seed, n)`, so a fresh sampler with the same seed repeats the same outputs.
+
+    Example:
+    >>> class LowestIdSampler(Sampler):   # a (silly) custom sampler
+    ...     def next_token(self, logits, key, step):
+    ...         return ops.zeros((ops.shape(logits)[0],), "int32")
+    >>> lm.compile(sampler=LowestIdSampler())
+    """
+
+    num_beams = 1
+    uses_randomness = True
+
+    def __init__(self, temperature=1.0, seed=None):
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive; got {temperature}.")
+        self.temperature = float(temperature)
+        self.seed = seed
+        self._calls = 0
+
+    def next_token(self, logits, key, step):
+        """int32 [batch] tokens from float32 `logits` [batch, vocabulary]."""
+        raise NotImplementedError
+
+    def new_key(self):
+        """The int32 [2] key for one `generate()` call (host side)."""
+        if not self.uses_randomness:
+            return np.zeros((2,), "int32")
+        if self.seed is None:
+            return np.random.randint(-(2**31), 2**31 - 1, size=(2,), dtype=np.int64).astype(
+                "int32"
+            )
+        key = np.array([self.seed & 0xFFFFFFFF, self._calls & 0xFFFFFFFF], dtype=np.uint32)
+        self._calls += 1
+        return key.view(np.int32)
+
+    def scaled(self, logits):
+        return ops.cast(logits, "float32") / self.temperature
+
+    def initial_scores(self, batch_size):
+        """Per-row state the loop carries for the sampler (beam scores); zeros otherwise."""
+        return ops.zeros((batch_size,), "float32")
+
+    def select(self, logits, tokens, caches, index, prompt_mask, done, scores, key, stop_ids,
+               pad_id):
+        """One decode step's bookkeeping: writes column `index` of `tokens`.
+
+        Args:
+            logits: float32 [batch, vocabulary], the prediction for position `index`.
+            tokens: int32 [batch, length]; prompts, then what was generated so far.
+            caches: the per-layer KV caches (reordered only by beam search).
+            index: int32 scalar, the position being generated.
+            prompt_mask: bool [batch, length], True on each row's prompt.
+            done: bool [batch], rows that already produced a stop token.
+            scores: float32 [batch], sampler state (beam search's log-probabilities).
+            key: int32 [2], this call's random key.
+            stop_ids: tuple of ints (static).
+            pad_id: the id written after a row has stopped.
+
+        Returns:
+            `(tokens, caches, done, scores)`.
+        """
+        token = ops.cast(self.next_token(logits, key, index), "int32")
+        forced = read_column(prompt_mask, index)
+        token = ops.where(forced, read_column(tokens, index), token)
+        token = ops.where(done, ops.cast(pad_id, "int32"), token)
+        done = ops.logical_or(
+            done, ops.logical_and(ops.logical_not(forced), is_stop_token(token, stop_ids))
+        )
+        return write_column(tokens, index, token), caches, done, scores
+
+    def finalize(self, tokens, done, scores):
+        """The rows to return (beam search keeps the best beam of each row)."""
+        return tokens, done
+
+    def get_config(self):
+        return {"temperature": self.temperature, "seed": self.seed}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def __repr__(self):
+        arguments = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"{type(self).__name__}({arguments})"
