@@ -7,7 +7,7 @@ import pytest
 from keras_gemma import GemmaBackbone
 
 TINY = dict(
-    vocabulary_size=120,
+    vocabulary_size=1000,
     num_layers=3,
     num_query_heads=4,
     num_key_value_heads=2,
@@ -122,3 +122,46 @@ def test_foreign_class_is_refused_and_never_imported(tmp_path):
     with pytest.raises(ValueError, match="not one of keras_gemma's Gemma formats"):
         GemmaBackbone.from_preset(str(tmp_path))
     assert "evil_module_that_must_not_be_imported" not in sys.modules
+
+
+def _keras_hub_causal_lm(generation, proto):
+    import keras_hub
+
+    backbone = _keras_hub_backbone(generation)
+    if generation == "gemma3":
+        tokenizer = keras_hub.models.Gemma3Tokenizer(proto=proto, has_vision_tokens=False)
+        preprocessor = keras_hub.models.Gemma3CausalLMPreprocessor(
+            tokenizer=tokenizer, sequence_length=24
+        )
+        return keras_hub.models.Gemma3CausalLM(backbone=backbone, preprocessor=preprocessor)
+    tokenizer = keras_hub.models.GemmaTokenizer(proto=proto)
+    preprocessor = keras_hub.models.GemmaCausalLMPreprocessor(
+        tokenizer=tokenizer, sequence_length=24
+    )
+    return keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=preprocessor)
+
+
+@pytest.mark.parametrize("generation", ["gemma", "gemma3"])
+def test_keras_hub_causal_lm_preset_gives_same_logits_and_greedy_text(
+    generation, sentencepiece_proto, tmp_path
+):
+    from keras_gemma import GemmaCausalLM
+
+    reference = _keras_hub_causal_lm(generation, sentencepiece_proto)
+    _randomize(reference.backbone, seed=1)
+    reference.compile(sampler="greedy")
+    reference.save_to_preset(str(tmp_path))
+
+    ours = GemmaCausalLM.from_preset(str(tmp_path))
+    assert ours.preprocessor.sequence_length == 24
+    prompts = ["The quick brown fox", "hello"]
+    expected_text = reference.generate(prompts, max_length=20, stop_token_ids=None)
+    actual_text = ours.generate(prompts, max_length=20, stop_token_ids=None)
+    assert actual_text == list(expected_text)
+
+    inputs = _inputs()
+    inputs["token_ids"] = inputs["token_ids"] % ours.backbone.vocabulary_size
+    expected = _numpy(reference.backbone.token_embedding(reference.backbone(inputs), reverse=True))
+    actual = _numpy(ours(inputs))
+    present = inputs["padding_mask"].astype(bool)
+    np.testing.assert_allclose(actual[present], expected[present], atol=1e-4, rtol=0)
