@@ -110,10 +110,7 @@ def test_text_ids_match_transformers(tokenizer, expected):
 
 
 def test_greedy_generation_matches_transformers(backbone, expected):
-    import keras_gemma
-    from keras_gemma.causal_lm import GemmaCausalLM as Unexported
-
-    GemmaCausalLM = getattr(keras_gemma, "GemmaCausalLM", Unexported)
+    from keras_gemma import GemmaCausalLM
 
     prompt = expected["prompt_ids"]
     width = len(expected["greedy_ids"])
@@ -127,5 +124,38 @@ def test_greedy_generation_matches_transformers(backbone, expected):
                       stop_token_ids=None)
     # 30 new tokens, identical to transformers' generate(do_sample=False).
     assert to_numpy(out["token_ids"])[0].tolist() == expected["greedy_ids"].tolist()
+    del lm
+    keras.backend.clear_session()
+
+
+def test_exported_saved_model_generates_the_same_text(backbone, tokenizer, tmp_path):
+    """The real model exported for TF Serving and called through `generate`."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from keras_gemma import GemmaCausalLM, GemmaCausalLMPreprocessor, export_saved_model
+
+    lm = GemmaCausalLM(backbone, GemmaCausalLMPreprocessor(tokenizer, sequence_length=32))
+    prompts = ["Once upon a time", "The capital of France is"]
+    # Both stop at <eos> and <end_of_turn> ("auto").
+    expected = lm.generate(prompts, max_length=24)
+    path = str(tmp_path / "served")
+    export_saved_model(lm, path, max_length=24)
+    script = (
+        "import json, sys, tensorflow as tf, tensorflow_text\n"
+        "m = tf.saved_model.load(sys.argv[1])\n"
+        "out = m.signatures['generate'](prompts=tf.constant(json.loads(sys.argv[2])))\n"
+        "print('RESULT ' + json.dumps([t.decode() for t in out['text'].numpy()]))\n"
+    )
+    environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    result = subprocess.run([sys.executable, "-c", script, path, json.dumps(prompts)],
+                            capture_output=True, text=True, env=environment, timeout=600)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, result.stderr[-3000:]
+    served = json.loads(lines[0][len("RESULT "):])
+    assert served == expected
+    assert all(text.startswith(prompt) for text, prompt in zip(served, prompts))
     del lm
     keras.backend.clear_session()
