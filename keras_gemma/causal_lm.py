@@ -10,6 +10,7 @@ from keras import ops
 from keras_gemma.checkpoints.preset_cards import PresetMapping
 from keras_gemma.generation import get_sampler
 from keras_gemma.generation import serialize_sampler
+from keras_gemma.generation import batches as token_batches
 from keras_gemma.generation.generator import Generator
 from keras_gemma.generation.text_stream import TextStream
 from keras_gemma.generation.training_data import preprocess_for_training
@@ -327,12 +328,13 @@ class GemmaCausalLM(keras.Model):
 
     def _generate_batches(self, inputs, max_length):
         """The input as a list (or iterator) of `{"token_ids", "padding_mask"}` numpy dicts."""
-        is_dataset = type(inputs).__name__.endswith("Dataset") and hasattr(inputs, "as_numpy_iterator")
+        is_dataset = hasattr(inputs, "as_numpy_iterator")  # a tf.data.Dataset
         batches = inputs.as_numpy_iterator() if is_dataset else [inputs]
         single = False
         if self.preprocessor is None or isinstance(inputs, dict):
             # Token ids in, token ids out (also with a preprocessor attached).
-            return [_as_numpy_dict(b, max_length) for b in batches], False, is_dataset
+            packed = [token_batches.as_token_batch(b, max_length) for b in batches]
+            return packed, False, is_dataset
         if isinstance(inputs, (str, bytes)):
             single = True
             batches = [[inputs]]
@@ -341,7 +343,7 @@ class GemmaCausalLM(keras.Model):
             if isinstance(batch, np.ndarray) and batch.dtype.kind in "SO":
                 batch = [b.decode("utf-8") if isinstance(b, bytes) else b for b in batch.tolist()]
             packed.append(
-                _as_numpy_dict(
+                token_batches.as_token_batch(
                     self.preprocessor.generate_preprocess(batch, sequence_length=max_length), None
                 )
             )
@@ -357,7 +359,9 @@ class GemmaCausalLM(keras.Model):
             pad_token_id=self._pad_token_id(),
         )
         if strip_prompt:
-            token_ids, padding_mask = _strip_prompt(token_ids, padding_mask, prompt_mask)
+            token_ids, padding_mask = token_batches.strip_prompt(
+                token_ids, padding_mask, prompt_mask
+            )
         return {"token_ids": token_ids, "padding_mask": padding_mask}
 
     def stream(self, prompt, max_length=None, stop_token_ids="auto"):
@@ -376,7 +380,7 @@ class GemmaCausalLM(keras.Model):
         if not isinstance(prompt, str):
             raise TypeError(f"stream() takes one prompt string; got {type(prompt).__name__}.")
         stop_ids = self._stop_token_ids(stop_token_ids)
-        batch = _as_numpy_dict(
+        batch = token_batches.as_token_batch(
             self.preprocessor.generate_preprocess([prompt], sequence_length=max_length), None
         )
         text = TextStream(self.preprocessor.tokenizer)
@@ -394,34 +398,3 @@ class GemmaCausalLM(keras.Model):
         if piece:
             yield piece
 
-
-def _as_numpy_dict(inputs, max_length):
-    if not isinstance(inputs, dict) or not {"token_ids", "padding_mask"} <= set(inputs):
-        raise TypeError(
-            "Without a preprocessor, generate() takes a dict with 'token_ids' and "
-            f"'padding_mask'; got {type(inputs).__name__}."
-        )
-    token_ids = np.asarray(ops.convert_to_numpy(inputs["token_ids"])).astype("int32")
-    padding_mask = np.asarray(ops.convert_to_numpy(inputs["padding_mask"])).astype(bool)
-    if token_ids.ndim == 1:
-        token_ids, padding_mask = token_ids[None], padding_mask[None]
-    if max_length is not None and max_length != token_ids.shape[1]:
-        width = token_ids.shape[1]
-        if max_length < width:
-            token_ids, padding_mask = token_ids[:, :max_length], padding_mask[:, :max_length]
-        else:
-            pad = ((0, 0), (0, max_length - width))
-            token_ids, padding_mask = np.pad(token_ids, pad), np.pad(padding_mask, pad)
-    return {"token_ids": token_ids, "padding_mask": padding_mask}
-
-
-def _strip_prompt(token_ids, padding_mask, prompt_mask):
-    """Moves each row's continuation to the front (KerasHub's `strip_prompt`)."""
-    width = token_ids.shape[1]
-    lengths = prompt_mask.sum(axis=1)
-    positions = (np.arange(width)[None, :] + lengths[:, None]) % width
-    generated = padding_mask & ~prompt_mask
-    return (
-        np.take_along_axis(token_ids, positions, axis=1),
-        np.take_along_axis(generated, positions, axis=1),
-    )

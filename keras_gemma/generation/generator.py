@@ -86,27 +86,32 @@ class Generator:
         tokens, mask, width = self._pad(token_ids, prompt_mask, 1, pad_token_id)
         prefill = prefill_bucket(start - 1, width)
         stop_ids = tuple(stop_token_ids)
-        prefill_fn = self._function(("prefill", tokens.shape, prefill), lambda: self._make_prefill(prefill))
+        prefill_fn = self._function(
+            ("prefill", tokens.shape, prefill), lambda: self._make_prefill(prefill)
+        )
         key = ("step", tokens.shape, _sampler_key(sampler), stop_ids, pad_token_id)
         step_fn = self._function(key, lambda: self._make_step(sampler, stop_ids, pad_token_id))
         random_key = ops.convert_to_tensor(sampler.new_key())
+        # no_grad around each call, not the whole generator: the caller's code runs between
+        # yields and must keep its own gradient mode.
         with _no_grad():
             tokens = ops.convert_to_tensor(tokens)
             mask = ops.convert_to_tensor(mask)
             caches = prefill_fn(tokens)
             done = ops.zeros((1,), "bool")
             scores = sampler.initial_scores(1)
-            for index in range(start, max_length):
-                index_tensor = ops.convert_to_tensor(np.int32(index))
+        for index in range(start, max_length):
+            index_tensor = ops.convert_to_tensor(np.int32(index))
+            with _no_grad():
                 tokens, caches, done, scores = step_fn(
                     tokens, caches, index_tensor, mask, done, scores, random_key
                 )
-                if index < prompt_length:
-                    continue
-                token = int(ops.convert_to_numpy(tokens)[0, index])
-                if token in stop_ids:
-                    return
-                yield token
+            if index < prompt_length:
+                continue
+            token = int(ops.convert_to_numpy(tokens)[0, index])
+            if token in stop_ids:
+                return
+            yield token
 
     # Building blocks (backend-agnostic; traced by jax.jit / tf.function).
 
@@ -246,7 +251,9 @@ def _output_mask(tokens, prompt_mask, end, stop_ids):
 
 def _sampler_key(sampler):
     # The sampler's configuration is baked into the compiled program.
-    return (type(sampler).__name__, tuple(sorted((k, repr(v)) for k, v in sampler.get_config().items() if k != "seed")))
+    config = sampler.get_config()
+    settings = sorted((k, repr(v)) for k, v in config.items() if k != "seed")
+    return (type(sampler).__name__, tuple(settings))
 
 
 def _jax_stateless_jit(model, function):

@@ -37,7 +37,7 @@ def uniform(key, step, shape):
     Args:
         key: int32 tensor [2], the sampler's key for this `generate()` call.
         step: int32 scalar, the decode position (so each step draws fresh numbers).
-        shape: static `(rows, columns)`.
+        shape: `(rows, columns)`; `rows` may be a dynamic (tensor) batch size.
     """
     rows, columns = shape
     key = ops.cast(key, "int32")

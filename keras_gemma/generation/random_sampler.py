@@ -23,5 +23,5 @@ class RandomSampler(Sampler):
     def next_token(self, logits, key, step):
         # Gumbel-max: argmax(logits + Gumbel noise) is a sample of softmax(logits).
         scaled = self.scaled(logits)
-        noise = random_bits.gumbel(key, step, tuple(scaled.shape))
+        noise = random_bits.gumbel(key, step, (ops.shape(scaled)[0], scaled.shape[-1]))
         return ops.argmax(scaled + noise, axis=-1)

@@ -34,7 +34,7 @@ class TopKSampler(Sampler):
         k = min(self.k, scaled.shape[-1])
         # Exactly k candidates even when values tie (a threshold on the k-th value would not).
         values, indices = ops.top_k(scaled, k=k, sorted=True)
-        noise = random_bits.gumbel(key, step, (scaled.shape[0], k))
+        noise = random_bits.gumbel(key, step, (ops.shape(scaled)[0], k))
         choice = ops.argmax(values + noise, axis=-1)
         return ops.squeeze(ops.take_along_axis(indices, choice[:, None], axis=-1), -1)
 

@@ -42,7 +42,7 @@ class TopPSampler(Sampler):
         probabilities = ops.exp(values - ops.logsumexp(scaled, axis=-1, keepdims=True))
         mass_before = ops.cumsum(probabilities, axis=-1) - probabilities
         keep = ops.less(mass_before, self.p)
-        noise = random_bits.gumbel(key, step, (scaled.shape[0], k))
+        noise = random_bits.gumbel(key, step, (ops.shape(scaled)[0], k))
         candidates = ops.where(keep, values + noise, float("-inf"))
         choice = ops.argmax(candidates, axis=-1)
         return ops.squeeze(ops.take_along_axis(indices, choice[:, None], axis=-1), -1)

@@ -41,6 +41,49 @@ def compute_attention_mask(
     return mask
 
 
+def _is_decode_step(dense, inputs):
+    # One token per row (a decode step) with a float kernel: the case the formulations
+    # below speed up. Prefill, training and Keras' quantized modes keep `dense(inputs)`.
+    return dense.quantization_mode is None and inputs.shape[1] == 1 and inputs.shape[0] is not None
+
+
+def _project_to_heads(dense, inputs):
+    """`dense(inputs)` for a "btd,ndh->btnh" EinsumDense; for a decode step, as a matmul
+    batched over heads with the same kernel (LoRA included: `dense.kernel` merges it).
+
+    XLA on CPU runs the einsum as written by transposing the (heads, hidden, head_dim)
+    kernel at every step: 2.6 GB/s instead of ~30 GB/s (gemma_2b_en's query projection:
+    6.4 ms vs 0.44 ms per token).
+    """
+    if not _is_decode_step(dense, inputs):
+        return dense(inputs)
+    kernel = ops.cast(dense.kernel, dense.compute_dtype)
+    batch, _, hidden = inputs.shape
+    heads, _, head_dim = kernel.shape
+    rows = ops.broadcast_to(
+        ops.reshape(ops.cast(inputs, dense.compute_dtype), (1, batch, hidden)),
+        (heads, batch, hidden),
+    )
+    projected = ops.einsum("nbd,ndh->nbh", rows, kernel)
+    return ops.reshape(ops.transpose(projected, (1, 0, 2)), (batch, 1, heads, head_dim))
+
+
+def _project_from_heads(dense, inputs):
+    """`dense(inputs)` for the "btnh,nhd->btd" output EinsumDense; for a decode step, as a
+    matmul batched over heads and then summed: ~20 GB/s on CPU in XLA (JAX and TF) against
+    0.4-3.5 GB/s for the einsum as written (TF's XLA is as slow with the kernel reshaped to
+    (heads * head_dim, hidden))."""
+    if not _is_decode_step(dense, inputs):
+        return dense(inputs)
+    kernel = ops.cast(dense.kernel, dense.compute_dtype)
+    batch, _, heads, head_dim = inputs.shape
+    per_head = ops.transpose(
+        ops.reshape(ops.cast(inputs, dense.compute_dtype), (batch, heads, head_dim)), (1, 0, 2)
+    )
+    projected = ops.sum(ops.einsum("nbh,nhd->nbd", per_head, kernel), axis=0)
+    return ops.reshape(projected, (batch, 1, -1))
+
+
 @keras.saving.register_keras_serializable(package="keras_gemma")
 class GemmaAttention(keras.layers.Layer):
     """Multi-head attention with grouped key/value heads, as in every Gemma generation.
@@ -162,9 +205,9 @@ class GemmaAttention(keras.layers.Layer):
         positions = ops.arange(query_length, dtype="int32") + ops.cast(
             cache_update_index, "int32"
         )
-        query = self.query_dense(inputs)
-        key = self.key_dense(inputs)
-        value = self.value_dense(inputs)
+        query = _project_to_heads(self.query_dense, inputs)
+        key = _project_to_heads(self.key_dense, inputs)
+        value = _project_to_heads(self.value_dense, inputs)
         if self.use_query_key_norm:
             query = self.query_norm(query)
             key = self.key_norm(key)
@@ -180,7 +223,7 @@ class GemmaAttention(keras.layers.Layer):
             value = ops.slice_update(cache[:, 1, ...], start, value)
             cache = ops.stack((key, value), axis=1)
         output = self._attend(query, key, value, attention_mask, training)
-        output = self.output_dense(output)
+        output = _project_from_heads(self.output_dense, output)
         if cache is not None:
             return output, cache
         return output

@@ -1,0 +1,180 @@
+"""GemmaCausalLM.generate() and stream(): buckets, stop tokens, strings, streaming."""
+
+import keras
+import numpy as np
+import pytest
+from conftest import to_numpy
+from test_causal_lm import _tiny_lm
+
+from keras_gemma.generation.text_stream import TextStream
+
+
+def _prompt(lengths, width, seed=0):
+    rng = np.random.default_rng(seed)
+    token_ids = np.zeros((len(lengths), width), "int32")
+    padding_mask = np.zeros_like(token_ids, dtype=bool)
+    for row, length in enumerate(lengths):
+        token_ids[row, :length] = rng.integers(4, 128, size=length)
+        padding_mask[row, :length] = True
+    return {"token_ids": token_ids, "padding_mask": padding_mask}
+
+
+def _greedy_is_self_consistent(lm, output, prompt_mask):
+    """Each generated token is the argmax of a full (uncached) forward pass at its position."""
+    tokens = output["token_ids"]
+    logits = to_numpy(lm({"token_ids": tokens, "padding_mask": np.ones_like(tokens)}))
+    generated = output["padding_mask"] & ~prompt_mask
+    rows, positions = np.nonzero(generated)
+    np.testing.assert_array_equal(tokens[rows, positions], logits[rows, positions - 1].argmax(-1))
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return _tiny_lm()
+
+
+def test_new_prompt_length_or_max_length_in_a_bucket_does_not_compile_again(lm):
+    first = lm.generate(_prompt((3, 5), 20), stop_token_ids=None)
+    _greedy_is_self_consistent(lm, first, _prompt((3, 5), 20)["padding_mask"])
+    traces = lm.generator.trace_count
+    assert traces >= 1
+    # Other prompt lengths (prefill bucket 16) and max_length (width bucket 32).
+    for lengths, width in (((4, 9), 28), ((6, 2), 32), ((11, 7), 25)):
+        output = lm.generate(_prompt(lengths, width, seed=width), stop_token_ids=None)
+        assert output["token_ids"].shape == (2, width)
+    assert lm.generator.trace_count == traces
+    # A new width bucket compiles once more.
+    lm.generate(_prompt((3, 5), 40), stop_token_ids=None)
+    assert lm.generator.trace_count == traces + 1
+
+
+def test_stop_tokens_stop_rows_independently(lm):
+    prompt = _prompt((3, 6), 30, seed=3)
+    free = lm.generate(prompt, stop_token_ids=None)["token_ids"]
+    # A stop token that row 0 produces (not first), preferably one that row 1 never does.
+    generated0 = free[0, 3:].tolist()
+    generated1 = free[1, 6:].tolist()
+    candidates = [t for t in generated0[1:] if t not in generated0[:1]]
+    stop = next((t for t in candidates if t not in generated1), candidates[0])
+    output = lm.generate(prompt, stop_token_ids=[stop])
+    ids, mask = output["token_ids"], output["padding_mask"]
+    end0 = 3 + generated0.index(stop)  # the position of row 0's first stop token
+    assert ids[0, end0] == stop
+    np.testing.assert_array_equal(ids[0, : end0 + 1], free[0, : end0 + 1])
+    assert mask[0, : end0 + 1].all() and not mask[0, end0 + 1 :].any()
+    assert (ids[0, end0 + 1 :] == 0).all()  # padded after the stop
+    if stop in generated1:
+        end1 = 6 + generated1.index(stop)
+        np.testing.assert_array_equal(ids[1, : end1 + 1], free[1, : end1 + 1])
+        assert mask[1, : end1 + 1].all() and not mask[1, end1 + 1 :].any()
+    else:
+        assert mask[1].all()
+        np.testing.assert_array_equal(ids[1], free[1])  # row 1 ran on, unaffected
+
+
+def test_strip_prompt(lm):
+    prompt = _prompt((3, 6), 20, seed=4)
+    full = lm.generate(prompt, stop_token_ids=None)
+    stripped = lm.generate(prompt, stop_token_ids=None, strip_prompt=True)
+    for row, length in enumerate((3, 6)):
+        new = 20 - length
+        ids, mask = stripped["token_ids"][row], stripped["padding_mask"][row]
+        np.testing.assert_array_equal(ids[:new], full["token_ids"][row, length:])
+        assert mask[:new].all() and not mask[new:].any()
+
+
+def test_generate_after_lora_sees_the_new_weights(lm):
+    prompt = _prompt((4, 2), 20, seed=5)
+    before = lm.generate(prompt, stop_token_ids=None)
+    lm.backbone.enable_lora(rank=2)
+    rng = np.random.default_rng(0)
+    for variable in lm.weights:
+        if "lora_kernel" in variable.path:
+            variable.assign(rng.normal(0, 0.5, variable.shape).astype("float32"))
+    after = lm.generate(prompt, stop_token_ids=None)
+    assert not np.array_equal(after["token_ids"], before["token_ids"])
+    _greedy_is_self_consistent(lm, after, prompt["padding_mask"])
+
+
+# With a tokenizer and preprocessor: strings in and out.
+
+
+@pytest.fixture(scope="module")
+def text_lm(sentencepiece_proto):
+    from keras_gemma.preprocessor import GemmaCausalLMPreprocessor
+    from keras_gemma.tokenizer import GemmaTokenizer
+
+    tokenizer = GemmaTokenizer(proto=sentencepiece_proto)
+    preprocessor = GemmaCausalLMPreprocessor(tokenizer, sequence_length=16)
+    lm = _tiny_lm(vocabulary_size=tokenizer.vocabulary_size())
+    return type(lm)(lm.backbone, preprocessor)
+
+
+def test_auto_stop_tokens_are_eos_and_end_of_turn(text_lm):
+    assert text_lm._stop_token_ids("auto") == (1, 107)
+    assert text_lm._stop_token_ids(None) == ()
+    with pytest.raises(ValueError, match="preprocessor"):
+        _tiny_lm().generate(_prompt((2,), 8))
+
+
+def test_strings_in_strings_out_and_stream(text_lm):
+    # (Batches of one and two rows only: each batch size is one more compile.)
+    single = text_lm.generate("The model", max_length=24)
+    assert isinstance(single, str) and single.startswith("The model")
+    batch = text_lm.generate(["Keras is a layer", "The model"], max_length=24)
+    assert isinstance(batch, list) and len(batch) == 2 and batch[1] == single
+    import tensorflow as tf
+
+    texts = ["Keras is a layer", "The model", "Hi", "A token"]
+    dataset = tf.data.Dataset.from_tensor_slices(texts).batch(2)
+    from_dataset = text_lm.generate(dataset, max_length=24)
+    assert len(from_dataset) == 4 and from_dataset[:2] == batch
+    stripped = text_lm.generate(["Keras is a layer", "The model"], max_length=24, strip_prompt=True)
+    continuation = stripped[1]
+    assert len(continuation) > 3 and single.endswith(continuation)
+    pieces = list(text_lm.stream("The model", max_length=24))
+    assert len(pieces) > 1
+    assert "".join(pieces) == continuation
+
+
+def test_token_ids_with_a_preprocessor_and_saving(text_lm, tmp_path):
+    prompt = _prompt((3, 5), 16)
+    output = text_lm.generate(prompt, stop_token_ids=None)  # dict in, dict out
+    assert set(output) == {"token_ids", "padding_mask"} and output["padding_mask"].all()
+    path = str(tmp_path / "text_lm.keras")
+    text_lm.save(path)
+    restored = keras.saving.load_model(path)
+    assert type(restored.preprocessor).__name__ == "GemmaCausalLMPreprocessor"
+    assert restored.preprocessor.sequence_length == 16
+    packed = restored.preprocessor.generate_preprocess(["The model"])
+    expected = text_lm.preprocessor.generate_preprocess(["The model"])
+    np.testing.assert_array_equal(packed["token_ids"], expected["token_ids"])
+    np.testing.assert_array_equal(to_numpy(restored(prompt)), to_numpy(text_lm(prompt)))
+
+
+def test_fit_on_strings_lowers_the_loss(text_lm):
+    texts = ["the model is a layer of keras", "a token is a value of the text"] * 4
+    text_lm.compile(optimizer=keras.optimizers.AdamW(learning_rate=1e-2))
+    losses = text_lm.fit(texts, batch_size=4, epochs=5, verbose=0).history["loss"]
+    assert losses[-1] < 0.7 * losses[0], losses
+    import tensorflow as tf
+
+    dataset = tf.data.Dataset.from_tensor_slices(texts).batch(4)
+    history = text_lm.fit(dataset, epochs=1, verbose=0).history["loss"]
+    assert np.isfinite(history[0])
+
+
+def test_text_stream_emits_whole_characters(sentencepiece_proto):
+    from keras_gemma.tokenizer import GemmaTokenizer
+
+    tokenizer = GemmaTokenizer(proto=sentencepiece_proto)
+    text = "Ein Preis von 5€, 日本語 und ü."
+    ids = tokenizer(text).tolist()
+    assert len(ids) > len(text.encode("utf-8")) // 2  # the rare characters fall back to bytes
+    stream = TextStream(tokenizer)
+    pieces = [stream.add(i) for i in ids] + [stream.flush()]
+    assert not any("\ufffd" in piece for piece in pieces)
+    assert "".join(pieces) == text
+    # A multi-byte character comes out whole, with its last byte.
+    euro = [i for i, piece in enumerate(pieces) if "€" in piece]
+    assert len(euro) == 1 and ids[euro[0]] != ids[euro[0] - 1]
