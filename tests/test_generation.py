@@ -157,6 +157,9 @@ def test_fit_on_strings_lowers_the_loss(text_lm):
     text_lm.compile(optimizer=keras.optimizers.AdamW(learning_rate=1e-2))
     losses = text_lm.fit(texts, batch_size=4, epochs=5, verbose=0).history["loss"]
     assert losses[-1] < 0.7 * losses[0], losses
+    # A numpy array of strings, through evaluate().
+    loss = text_lm.evaluate(np.array(texts), batch_size=4, verbose=0, return_dict=True)["loss"]
+    assert loss < losses[0]
     import tensorflow as tf
 
     dataset = tf.data.Dataset.from_tensor_slices(texts).batch(4)

@@ -191,7 +191,9 @@ def test_unsupported_quantization_type(files):
 
 
 def test_protobuf_writer_handles_negative_and_large_values():
-    proto = gguf._message((40, -1), (4, 300), (1, "x" * 200))
+    from keras_gemma.checkpoints.sentencepiece_proto import encode_message
+
+    proto = encode_message([(40, -1), (4, 300), (1, "x" * 200)])
     spec = sentencepiece_model_pb2.TrainerSpec()
     spec.ParseFromString(proto)
     assert (spec.unk_id, spec.vocab_size, spec.input) == (-1, 300, ["x" * 200])

@@ -16,12 +16,20 @@ import gc
 import hashlib
 import json
 import os
-import struct
 import sys
 import tempfile
 import time
 
 import numpy as np
+
+from keras_gemma.checkpoints.sentencepiece_proto import (
+    BPE,
+    CONTROL,
+    NORMAL,
+    UNKNOWN,
+    USER_DEFINED,
+    serialize_model,
+)
 
 # Bump when the conversion changes, so caches written by an older converter are redone.
 CONVERTER_VERSION = 1
@@ -51,8 +59,6 @@ _LLAMA_CPP_NAMES = {
     "pre_feedforward_layernorm.weight": "ffn_norm.weight",
     "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
 }
-# SentencePiece piece types (sentencepiece_model.proto).
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 
 def _gguf_module():
@@ -260,34 +266,6 @@ def load_weights_from_reader(backbone, reader, progress=None):
     return backbone
 
 
-# The SentencePiece model, rebuilt as protobuf bytes (sentencepiece_model.proto), written by
-# hand so that reading GGUF needs neither `protobuf` nor a matching generated module.
-
-
-def _varint(value):
-    value &= (1 << 64) - 1  # negative int32 values are written as 10-byte two's complement
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def _message(*fields):
-    """Serializes (number, value) pairs: bool/int -> varint, float -> fixed32, str/bytes."""
-    out = bytearray()
-    for number, value in fields:
-        if isinstance(value, float):
-            out += _varint(number << 3 | 5) + struct.pack("<f", value)
-        elif isinstance(value, (bool, int)):
-            out += _varint(number << 3) + _varint(int(value))
-        else:
-            data = value.encode("utf-8") if isinstance(value, str) else value
-            out += _varint(number << 3 | 2) + _varint(len(data)) + data
-    return bytes(out)
-
-
 def sentencepiece_proto(reader):
     """The serialized SentencePiece model of a Gemma GGUF file's vocabulary.
 
@@ -327,26 +305,24 @@ def sentencepiece_proto(reader):
             piece = piece.replace(" ", "\u2581")
         if kind != NORMAL:
             score = 0.0  # SentencePiece gives meta pieces 0; llama.cpp wrote -1000
-        pieces.append(_message((1, piece), (2, score), (3, kind)))
+        pieces.append((piece, score, kind))
     if ids["unknown"] is None:
         raise ValueError("the GGUF vocabulary has no unknown-token id; SentencePiece needs one.")
     names = {"unknown": "<unk>", "bos": "<bos>", "eos": "<eos>", "padding": "<pad>"}
     special = {name: tokens[i] if i is not None else names[name] for name, i in ids.items()}
-    trainer = _message(
-        (3, 2), (4, len(tokens)),  # model_type BPE, vocab_size
+    trainer = [
+        (3, BPE), (4, len(tokens)),  # model_type, vocab_size
         (25, True), (26, True), (35, True),  # split_digits, whitespace-only pieces, byte fallback
         (40, ids["unknown"]), (41, -1 if ids["bos"] is None else ids["bos"]),
         (42, -1 if ids["eos"] is None else ids["eos"]),
         (43, -1 if ids["padding"] is None else ids["padding"]),
         (45, special["unknown"]), (46, special["bos"]), (47, special["eos"]),
         (48, special["padding"]),
-    )
+    ]
     # identity normalizer; dummy prefix as stored (off for Gemma); whitespace kept, escaped.
     dummy_prefix = bool(_field(reader, "tokenizer.ggml.add_space_prefix", False))
-    normalizer = _message((1, "identity"), (3, dummy_prefix), (4, False), (5, True))
-    return b"".join(_message((1, piece)) for piece in pieces) + _message(
-        (2, trainer), (3, normalizer)
-    )
+    normalizer = [(1, "identity"), (3, dummy_prefix), (4, False), (5, True)]
+    return serialize_model(pieces, trainer, normalizer)
 
 
 # The conversion cache.

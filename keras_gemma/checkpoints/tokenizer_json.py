@@ -29,11 +29,18 @@ needs to encode, so the model is rebuilt from it:
 import json
 import os
 import re
-import struct
 import warnings
 
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE = 1, 2, 3, 4, 6
-_BPE = 2
+from keras_gemma.checkpoints.sentencepiece_proto import (
+    BPE,
+    BYTE,
+    CONTROL,
+    NORMAL,
+    UNKNOWN,
+    USER_DEFINED,
+    serialize_model,
+)
+
 _SPECIAL = ("<pad>", "<eos>", "<bos>", "<unk>")
 _BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
 _WHERE = "sentencepiece_proto_from_tokenizer_json"
@@ -102,31 +109,20 @@ def sentencepiece_proto_from_tokenizer_json(path_or_dict):
     _warn_inexpressible_merges(pieces, types, merges)
 
     trainer = [
-        ("model_type", 3, _BPE),
-        ("vocab_size", 4, len(pieces)),
-        ("split_digits", 25, True),
-        ("allow_whitespace_only_pieces", 26, True),
-        ("user_defined_symbols", 31, [p for p, t in zip(pieces, types) if t == USER_DEFINED]),
-        ("byte_fallback", 35, True),
+        (3, BPE),  # model_type
+        (4, len(pieces)),  # vocab_size
+        (25, True),  # split_digits
+        (26, True),  # allow_whitespace_only_pieces
+        (31, [p for p, t in zip(pieces, types) if t == USER_DEFINED]),  # user_defined_symbols
+        (35, True),  # byte_fallback
     ]
     # TrainerSpec field numbers: unk/bos/eos/pad ids 40..43, their pieces 45..48.
-    for offset, (name, piece) in enumerate([("unk", "<unk>"), ("bos", "<bos>"), ("eos", "<eos>"),
-                                            ("pad", "<pad>")]):
-        trainer.append((f"{name}_id", 40 + offset, ids[piece]))
-        trainer.append((f"{name}_piece", 45 + offset, piece))
-    normalizer = [
-        ("name", 1, "identity"),
-        ("precompiled_charsmap", 2, b""),
-        ("add_dummy_prefix", 3, False),
-        ("remove_extra_whitespaces", 4, False),
-        ("escape_whitespaces", 5, True),
-    ]
-    entries = list(zip(pieces, scores, types))
-    try:
-        from sentencepiece import sentencepiece_model_pb2
-    except ImportError:
-        return _serialize_by_hand(entries, trainer, normalizer)
-    return _serialize_with_pb2(sentencepiece_model_pb2, entries, trainer, normalizer)
+    for offset, piece in enumerate(["<unk>", "<bos>", "<eos>", "<pad>"]):
+        trainer.append((40 + offset, ids[piece]))
+        trainer.append((45 + offset, piece))
+    # name, precompiled_charsmap, add_dummy_prefix, remove_extra_whitespaces, escape_whitespaces
+    normalizer = [(1, "identity"), (2, b""), (3, False), (4, False), (5, True)]
+    return serialize_model(list(zip(pieces, scores, types)), trainer, normalizer)
 
 
 def _load(path_or_dict):
@@ -297,56 +293,3 @@ def _warn_inexpressible_merges(pieces, types, merges):
             "may encode some texts differently from it.",
             stacklevel=3,
         )
-
-
-def _serialize_with_pb2(pb2, entries, trainer, normalizer):
-    model = pb2.ModelProto()
-    for piece, score, kind in entries:
-        model.pieces.add(piece=piece, score=score, type=kind)
-    for message, fields in ((model.trainer_spec, trainer), (model.normalizer_spec, normalizer)):
-        for name, _, value in fields:
-            if isinstance(value, list):
-                getattr(message, name).extend(value)
-            else:
-                setattr(message, name, value)
-    return model.SerializeToString()
-
-
-# The protobuf wire format, for when sentencepiece's bundled protobuf module is unavailable.
-
-
-def _varint(value):
-    value &= (1 << 64) - 1  # negative int32s are written as 10-byte two's complement
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def _field(number, value):
-    if isinstance(value, (bool, int)):
-        return _varint(number << 3) + _varint(int(value))
-    if isinstance(value, float):
-        return _varint(number << 3 | 5) + struct.pack("<f", value)
-    if isinstance(value, str):
-        value = value.encode("utf-8")
-    return _varint(number << 3 | 2) + _varint(len(value)) + value
-
-
-def _message(fields):
-    out = bytearray()
-    for _, number, value in sorted(fields, key=lambda f: f[1]):
-        for item in value if isinstance(value, list) else [value]:
-            out += _field(number, item)
-    return bytes(out)
-
-
-def _serialize_by_hand(entries, trainer, normalizer):
-    out = bytearray()
-    for piece, score, kind in entries:
-        out += _field(1, _message([("piece", 1, piece), ("score", 2, score), ("type", 3, kind)]))
-    out += _field(2, _message(trainer))
-    out += _field(3, _message(normalizer))
-    return bytes(out)
