@@ -113,12 +113,11 @@ def build_signatures(causal_lm, proto_file, width, default_max_length, sampler):
     )
     def generate_with_length(prompts, max_length):
         max_length = tf.clip_by_value(max_length, 2, default_max_length)
-        ids = module.sentencepiece.tokenize(prompts)
         # Keep each prompt's first max_length tokens, <bos> included, as generate() does.
-        ids = ids[:, : max_length - 1]
+        ids = module.sentencepiece.tokenize(prompts)[:, : max_length - 1]
         batch = tf.shape(prompts)[0]
-        ids = tf.concat([tf.fill(tf.stack([batch, 1]), start_id), ids.to_tensor(pad_id)], 1)
-        ids = tf.RaggedTensor.from_tensor(ids, lengths=ids_lengths(prompts, max_length, module))
+        start = tf.RaggedTensor.from_tensor(tf.fill(tf.stack([batch, 1]), start_id))
+        ids = tf.concat([start, ids], axis=1)
         tokens = ids.to_tensor(pad_id, shape=tf.stack([batch, width]))
         prompt_mask = tf.sequence_mask(ids.row_lengths(), width)
         tokens, keep = decode(tokens, prompt_mask, max_length)
@@ -153,9 +152,3 @@ def build_signatures(causal_lm, proto_file, width, default_max_length, sampler):
         "logits": logits.get_concrete_function(),
     }
     return module, signatures
-
-
-def ids_lengths(prompts, max_length, module):
-    """Each prompt's packed length: <bos> plus at most max_length - 1 of its tokens."""
-    lengths = module.sentencepiece.tokenize(prompts).row_lengths()
-    return tf.minimum(lengths, tf.cast(max_length, tf.int64) - 1) + 1
