@@ -25,6 +25,18 @@ _IGNORED = {"name", "trainable", "dtype", "image_size", "vision_encoder", "text_
             "embedding_dim"}
 
 
+# Arguments copied as they are into GemmaBackbone's.
+_COPIED = (
+    "vocabulary_size", "num_layers", "num_query_heads", "num_key_value_heads",
+    "hidden_dim", "intermediate_dim", "head_dim", "layer_norm_epsilon", "dropout",
+    "query_head_dim_normalize", "use_post_ffw_norm", "use_post_attention_norm",
+    "attention_logit_soft_cap", "final_logit_soft_cap",
+    "use_sliding_window_attention", "sliding_window_size",
+)
+# Gemma 3 arguments read by backbone_config_from_keras_hub.
+_GEMMA3 = ("use_query_key_norm", "local_rope_scaling_factor", "global_rope_scaling_factor")
+
+
 def is_keras_hub_config(config):
     return isinstance(config, dict) and config.get("registered_name") in REGISTERED_NAMES
 
@@ -40,17 +52,7 @@ def backbone_config_from_keras_hub(config):
         )
     if source.get("use_bidirectional_attention") or source.get("is_embedding_model"):
         raise ValueError("this KerasHub preset is an embedding model, not a causal LM.")
-    arguments = {
-        key: source[key]
-        for key in (
-            "vocabulary_size", "num_layers", "num_query_heads", "num_key_value_heads",
-            "hidden_dim", "intermediate_dim", "head_dim", "layer_norm_epsilon", "dropout",
-            "query_head_dim_normalize", "use_post_ffw_norm", "use_post_attention_norm",
-            "attention_logit_soft_cap", "final_logit_soft_cap",
-            "use_sliding_window_attention", "sliding_window_size",
-        )
-        if key in source
-    }
+    arguments = {key: source[key] for key in _COPIED if key in source}
     if family == "gemma3":
         # KerasHub's Gemma 3 counts intermediate_dim as the FFN width (Gemma 1/2: twice it),
         # and fixes the layer pattern and RoPE bases in code.
@@ -165,14 +167,7 @@ def keras_hub_tokenizer_path(directory):
 
 def unused_keys(config):
     """Keys of a KerasHub backbone config that keras_gemma does not understand."""
-    known = _IGNORED | {
-        "vocabulary_size", "num_layers", "num_query_heads", "num_key_value_heads",
-        "hidden_dim", "intermediate_dim", "head_dim", "layer_norm_epsilon", "dropout",
-        "query_head_dim_normalize", "use_post_ffw_norm", "use_post_attention_norm",
-        "attention_logit_soft_cap", "final_logit_soft_cap", "use_sliding_window_attention",
-        "sliding_window_size", "use_query_key_norm", "local_rope_scaling_factor",
-        "global_rope_scaling_factor",
-    }
+    known = _IGNORED | set(_COPIED) | set(_GEMMA3)
     return sorted(set(config.get("config", {})) - known)
 
 
