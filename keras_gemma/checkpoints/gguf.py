@@ -32,7 +32,7 @@ from keras_gemma.checkpoints.sentencepiece_proto import (
 )
 
 # Bump when the conversion changes, so caches written by an older converter are redone.
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2  # 2: dense kernels (out, in)
 SUPPORTED_ARCHITECTURES = ("gemma", "gemma2", "gemma3")
 # The types tests/ load end to end (tiny files in test_gguf.py, Q4_K/Q6_K in the real 270M).
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1",

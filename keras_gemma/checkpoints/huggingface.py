@@ -212,19 +212,17 @@ def transformers_weight_map(backbone, tensor_names):
     head_dim = backbone.head_dim
     hidden = backbone.hidden_dim
 
+    # transformers stores (out, in) like us: only the head axes need splitting out.
     def heads_in(count):
-        # [count * head_dim, hidden] -> [count, hidden, head_dim]
-        return lambda w: w.reshape(count, head_dim, hidden).transpose(0, 2, 1)
+        # [count * head_dim, hidden] -> [count, head_dim, hidden]
+        return lambda w: w.reshape(count, head_dim, hidden)
 
     def heads_out(w):
-        # [hidden, heads * head_dim] -> [heads, head_dim, hidden]
-        return w.reshape(hidden, heads, head_dim).transpose(1, 2, 0)
+        # [hidden, heads * head_dim] -> [hidden, heads, head_dim]
+        return w.reshape(hidden, heads, head_dim)
 
     def same(w):
         return w
-
-    def transpose(w):
-        return w.T
 
     pairs = [
         (backbone.token_embedding.embeddings, prefix + "embed_tokens.weight", same),
@@ -240,9 +238,9 @@ def transformers_weight_map(backbone, tensor_names):
             (attention.key_dense.kernel, name + "self_attn.k_proj.weight", heads_in(kv_heads)),
             (attention.value_dense.kernel, name + "self_attn.v_proj.weight", heads_in(kv_heads)),
             (attention.output_dense.kernel, name + "self_attn.o_proj.weight", heads_out),
-            (ffn.gate_dense.kernel, name + "mlp.gate_proj.weight", transpose),
-            (ffn.up_dense.kernel, name + "mlp.up_proj.weight", transpose),
-            (ffn.down_dense.kernel, name + "mlp.down_proj.weight", transpose),
+            (ffn.gate_dense.kernel, name + "mlp.gate_proj.weight", same),
+            (ffn.up_dense.kernel, name + "mlp.up_proj.weight", same),
+            (ffn.down_dense.kernel, name + "mlp.down_proj.weight", same),
         ]
         if block.post_attention_norm is not None:
             pairs += [

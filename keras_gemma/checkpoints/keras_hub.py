@@ -10,6 +10,7 @@ import json
 import os
 
 import ml_dtypes
+import numpy as np
 
 from keras_gemma.checkpoints.huggingface import assign_checked
 
@@ -111,6 +112,21 @@ def _as_array(dataset):
     return array
 
 
+# KerasHub stores kernels (in, out); ours are (out, in) (layers/decode_matmul.py says why).
+def heads_in(kernel):
+    # [heads, hidden, head_dim] -> [heads, head_dim, hidden]
+    return kernel.transpose(0, 2, 1)
+
+
+def heads_out(kernel):
+    # [heads, head_dim, hidden] -> [hidden, heads, head_dim]
+    return kernel.transpose(2, 0, 1)
+
+
+def _transpose(kernel):
+    return kernel.T
+
+
 def load_keras_hub_weights(backbone, directory, family):
     """Fills `backbone` from the h5 weights of a KerasHub preset directory."""
     datasets, handles = _read_h5_tensors(directory)
@@ -125,14 +141,14 @@ def load_keras_hub_weights(backbone, directory, family):
             attention = block.attention
             pairs += [
                 (block.pre_attention_norm.scale, base + "pre_attention_norm/vars/0"),
-                (attention.query_dense.kernel, base + "attention/query_dense/vars/0"),
-                (attention.key_dense.kernel, base + "attention/key_dense/vars/0"),
-                (attention.value_dense.kernel, base + "attention/value_dense/vars/0"),
-                (attention.output_dense.kernel, base + "attention/output_dense/vars/0"),
+                (attention.query_dense.kernel, base + "attention/query_dense/vars/0", heads_in),
+                (attention.key_dense.kernel, base + "attention/key_dense/vars/0", heads_in),
+                (attention.value_dense.kernel, base + "attention/value_dense/vars/0", heads_in),
+                (attention.output_dense.kernel, base + "attention/output_dense/vars/0", heads_out),
                 (block.pre_ffw_norm.scale, base + "pre_ffw_norm/vars/0"),
-                (block.feed_forward.gate_dense.kernel, base + "gating_ffw/vars/0"),
-                (block.feed_forward.up_dense.kernel, base + "gating_ffw_2/vars/0"),
-                (block.feed_forward.down_dense.kernel, base + "ffw_linear/vars/0"),
+                (block.feed_forward.gate_dense.kernel, base + "gating_ffw/vars/0", _transpose),
+                (block.feed_forward.up_dense.kernel, base + "gating_ffw_2/vars/0", _transpose),
+                (block.feed_forward.down_dense.kernel, base + "ffw_linear/vars/0", _transpose),
             ]
             if block.post_attention_norm is not None:
                 pairs.append((block.post_attention_norm.scale, base + "post_attention_norm/vars/0"))
@@ -143,11 +159,14 @@ def load_keras_hub_weights(backbone, directory, family):
                     (attention.query_norm.scale, base + "attention/query_norm/vars/0"),
                     (attention.key_norm.scale, base + "attention/key_norm/vars/0"),
                 ]
-        for variable, name in pairs:
+        for variable, name, *transform in pairs:
             if name not in datasets:
                 raise ValueError(f"{directory}: the KerasHub weights lack {name!r}.")
-            assign_checked(variable, _as_array(datasets[name]), name)
-        unused = sorted(set(datasets) - {name for _, name in pairs})
+            value = _as_array(datasets[name])
+            if transform:
+                value = np.ascontiguousarray(transform[0](value))
+            assign_checked(variable, value, name)
+        unused = sorted(set(datasets) - {pair[1] for pair in pairs})
         if unused:
             raise ValueError(
                 f"{directory}: the KerasHub weights hold tensors this architecture does not "

@@ -88,6 +88,7 @@ def backbone_arguments(resolved):
     """GemmaBackbone constructor arguments for a resolved preset."""
     where = os.path.join(resolved.path, "config.json")
     if resolved.kind == "keras_gemma":
+        preset_format.check_format_version(resolved.config, where)
         config = preset_format.check_class(resolved.config, "backbone", where)
         if config is None:
             raise ValueError(f"{where} has no backbone section.")

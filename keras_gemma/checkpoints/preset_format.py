@@ -1,12 +1,13 @@
 """keras_gemma's own preset directory: config.json, model.safetensors, tokenizer.model.
 
 config.json:
-    {"keras_gemma_format": 1,
+    {"keras_gemma_format": 2,
      "backbone": {"class_name": "GemmaBackbone", "config": {...constructor arguments...}},
      "preprocessor": {"class_name": "GemmaCausalLMPreprocessor", "config": {...}} (optional),
      "task": {"class_name": "GemmaCausalLM", "config": {...}} (optional),
      "metadata": {"instruction_tuned": bool, "stop_tokens": [...], "parameter_count": int}}
-model.safetensors: every backbone variable under its Keras path, in its own dtype.
+model.safetensors: every backbone variable under its Keras path, in its own dtype; dense
+    kernels (out, in) since format 2 (format 1 stored them (in, out), as KerasHub does).
 tokenizer.model: the SentencePiece model (optional).
 
 A save writes into a temporary sibling directory and renames it into place, so an
@@ -25,7 +26,8 @@ import numpy as np
 
 from keras_gemma.checkpoints.safetensors_io import SafetensorsFile, write_safetensors
 
-FORMAT_VERSION = 1
+# Bump when the layout of the saved variables changes.
+FORMAT_VERSION = 2
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.model"
@@ -158,6 +160,18 @@ def save_preset(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return directory
+
+
+def check_format_version(config, where):
+    """Refuses a preset written in another keras_gemma format than this version reads."""
+    version = config.get("keras_gemma_format")
+    if version != FORMAT_VERSION:
+        raise ValueError(
+            f"{where}: this preset is in keras_gemma format {version!r}, and this version of "
+            f"keras_gemma reads format {FORMAT_VERSION} (format 1 stored dense kernels "
+            "(in, out); they are (out, in) now). Convert it again from its source checkpoint "
+            "with this version."
+        )
 
 
 def check_class(config, section, where):

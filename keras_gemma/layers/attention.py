@@ -3,6 +3,8 @@
 import keras
 from keras import ops
 
+from keras_gemma.layers.decode_matmul import decode_matmul
+from keras_gemma.layers.decode_matmul import is_decode_step
 from keras_gemma.layers.initialization import initializer
 from keras_gemma.layers.normalization import RMSNormalization
 from keras_gemma.layers.rotary import rotary_embedding
@@ -41,47 +43,34 @@ def compute_attention_mask(
     return mask
 
 
-def _is_decode_step(dense, inputs):
-    # One token per row (a decode step) with a float kernel: the case the formulations
-    # below speed up. Prefill, training and Keras' quantized modes keep `dense(inputs)`.
-    return dense.quantization_mode is None and inputs.shape[1] == 1 and inputs.shape[0] is not None
-
-
 def _project_to_heads(dense, inputs):
-    """`dense(inputs)` for a "btd,ndh->btnh" EinsumDense; for a decode step, as a matmul
-    batched over heads with the same kernel (LoRA included: `dense.kernel` merges it).
-
-    XLA on CPU runs the einsum as written by transposing the (heads, hidden, head_dim)
-    kernel at every step: 2.6 GB/s instead of ~30 GB/s (gemma_2b_en's query projection:
-    6.4 ms vs 0.44 ms per token).
-    """
-    if not _is_decode_step(dense, inputs):
+    """`dense(inputs)` for a "btd,nhd->btnh" EinsumDense; a decode step reshapes the
+    (heads, head_dim, hidden) kernel to (heads * head_dim, hidden) and runs `decode_matmul`
+    (LoRA included: `dense.kernel` merges it)."""
+    if not is_decode_step(dense, inputs):
         return dense(inputs)
     kernel = ops.cast(dense.kernel, dense.compute_dtype)
     batch, _, hidden = inputs.shape
-    heads, _, head_dim = kernel.shape
-    rows = ops.broadcast_to(
-        ops.reshape(ops.cast(inputs, dense.compute_dtype), (1, batch, hidden)),
-        (heads, batch, hidden),
+    heads, head_dim, _ = kernel.shape
+    projected = decode_matmul(
+        ops.reshape(inputs, (batch, hidden)), ops.reshape(kernel, (heads * head_dim, hidden))
     )
-    projected = ops.einsum("nbd,ndh->nbh", rows, kernel)
-    return ops.reshape(ops.transpose(projected, (1, 0, 2)), (batch, 1, heads, head_dim))
+    return ops.reshape(projected, (batch, 1, heads, head_dim))
 
 
 def _project_from_heads(dense, inputs):
-    """`dense(inputs)` for the "btnh,nhd->btd" output EinsumDense; for a decode step, as a
-    matmul batched over heads and then summed: ~20 GB/s on CPU in XLA (JAX and TF) against
-    0.4-3.5 GB/s for the einsum as written (TF's XLA is as slow with the kernel reshaped to
-    (heads * head_dim, hidden))."""
-    if not _is_decode_step(dense, inputs):
+    """`dense(inputs)` for the "btnh,dnh->btd" output EinsumDense; a decode step reshapes
+    the (hidden, heads, head_dim) kernel to (hidden, heads * head_dim)."""
+    if not is_decode_step(dense, inputs):
         return dense(inputs)
     kernel = ops.cast(dense.kernel, dense.compute_dtype)
     batch, _, heads, head_dim = inputs.shape
-    per_head = ops.transpose(
-        ops.reshape(ops.cast(inputs, dense.compute_dtype), (batch, heads, head_dim)), (1, 0, 2)
+    hidden = kernel.shape[0]
+    projected = decode_matmul(
+        ops.reshape(inputs, (batch, heads * head_dim)),
+        ops.reshape(kernel, (hidden, heads * head_dim)),
     )
-    projected = ops.sum(ops.einsum("nbh,nhd->nbd", per_head, kernel), axis=0)
-    return ops.reshape(projected, (batch, 1, -1))
+    return ops.reshape(projected, (batch, 1, hidden))
 
 
 @keras.saving.register_keras_serializable(package="keras_gemma")
@@ -92,7 +81,8 @@ class GemmaAttention(keras.layers.Layer):
     than queries (grouped-query attention; one head is multi-query). Optional: RMS
     normalization of queries and keys (Gemma 3), a tanh soft-cap on the attention logits
     (Gemma 2), and a sliding window (applied by the caller's mask). The softmax runs in
-    float32.
+    float32. Kernels are stored (out, in): query (heads, head_dim, hidden), key and value
+    (kv_heads, head_dim, hidden), output (hidden, heads, head_dim).
 
     Args:
         num_query_heads: number of query heads.
@@ -148,7 +138,7 @@ class GemmaAttention(keras.layers.Layer):
         hidden_dim = input_shape[-1]
         policy = self.dtype_policy
         self.query_dense = keras.layers.EinsumDense(
-            "btd,ndh->btnh",
+            "btd,nhd->btnh",
             output_shape=(None, self.num_query_heads, self.head_dim),
             kernel_initializer=initializer("glorot_uniform"),
             dtype=policy,
@@ -156,7 +146,7 @@ class GemmaAttention(keras.layers.Layer):
         )
         self.query_dense.build(input_shape)
         self.key_dense = keras.layers.EinsumDense(
-            "btd,kdh->btkh",
+            "btd,khd->btkh",
             output_shape=(None, self.num_key_value_heads, self.head_dim),
             kernel_initializer=initializer("glorot_uniform"),
             dtype=policy,
@@ -164,7 +154,7 @@ class GemmaAttention(keras.layers.Layer):
         )
         self.key_dense.build(input_shape)
         self.value_dense = keras.layers.EinsumDense(
-            "btd,kdh->btkh",
+            "btd,khd->btkh",
             output_shape=(None, self.num_key_value_heads, self.head_dim),
             kernel_initializer=initializer("glorot_uniform"),
             dtype=policy,
@@ -172,7 +162,7 @@ class GemmaAttention(keras.layers.Layer):
         )
         self.value_dense.build(input_shape)
         self.output_dense = keras.layers.EinsumDense(
-            "btnh,nhd->btd",
+            "btnh,dnh->btd",
             output_shape=(None, hidden_dim),
             kernel_initializer=initializer("glorot_uniform"),
             dtype=policy,

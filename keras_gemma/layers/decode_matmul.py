@@ -1,0 +1,53 @@
+"""`inputs @ kernel.T` for decode steps, written in the form each backend runs fastest on CPU.
+
+Every dense kernel in keras_gemma is stored (out, in), as in PyTorch, transformers and GGUF.
+A decode step multiplies a few rows by each kernel, so it is a matrix-vector product bound by
+memory bandwidth, and how fast it runs depends on the exact formulation (measured on the
+2-core EPYC of FACTS.md, gemma_2b_en's feed-forward, batch 1, whole FFN in one jax.jit):
+
+- XLA float32: `(W @ x.T).T` 14.2 ms; `x @ W.T` 85 ms (the down projection, in > out,
+  falls to ~2 GB/s); a (in, out) kernel with `x @ W` 16.7 ms.
+- XLA bfloat16: `x @ W.T` with an explicit transpose runs at 17-37 GB/s when out >= in, and
+  a `dot_general` that contracts both last axes at ~1 GB/s; for in > out, the sum of
+  (out x out) chunks keeps the fast form: 16 ms in all, against 122 ms for a (in, out) kernel.
+- PyTorch (oneDNN): `W @ x.T` 27-42 GB/s in float32 and bfloat16 (a (in, out) kernel in
+  bfloat16: ~12 GB/s).
+"""
+
+import keras
+from keras import ops
+
+
+def decode_matmul(inputs, kernel):
+    """`inputs @ kernel.T` for `inputs` [rows, in] and `kernel` [out, in].
+
+    Example:
+    >>> decode_matmul(keras.ops.ones((1, 4)), keras.ops.ones((3, 4))).shape
+    (1, 3)
+    """
+    backend = keras.backend.backend()
+    if backend == "torch" or keras.backend.standardize_dtype(kernel.dtype) == "float32":
+        return ops.transpose(ops.matmul(kernel, ops.transpose(inputs)))
+    out_features, in_features = kernel.shape
+    if in_features <= out_features or in_features % out_features:
+        return ops.matmul(inputs, ops.transpose(kernel))
+    chunk = out_features
+    total = None
+    for start in range(0, in_features, chunk):
+        part = ops.matmul(
+            inputs[:, start : start + chunk], ops.transpose(kernel[:, start : start + chunk])
+        )
+        total = part if total is None else total + part
+    return total
+
+
+def is_decode_step(dense, inputs):
+    """True for one token per row through a float kernel: the case `decode_matmul` serves.
+
+    Prefill, training and Keras' quantized modes keep `dense(inputs)`.
+    """
+    return (
+        dense.quantization_mode is None
+        and inputs.shape[1] == 1
+        and inputs.shape[0] is not None
+    )

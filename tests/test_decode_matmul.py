@@ -1,0 +1,39 @@
+"""decode_matmul equals `inputs @ kernel.T` in each of its forms, on every backend."""
+
+import keras
+import numpy as np
+import pytest
+
+from keras_gemma.layers.decode_matmul import decode_matmul
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize(
+    "rows, in_features, out_features",
+    [
+        (1, 8, 24),  # out >= in: one product
+        (3, 24, 8),  # in > out, a multiple: summed (out x out) chunks in bfloat16
+        (2, 20, 8),  # in > out, not a multiple: one product
+        (1, 16, 16),
+    ],
+)
+def test_matches_numpy(rows, in_features, out_features, dtype):
+    rng = np.random.default_rng(rows + in_features)
+    inputs = rng.standard_normal((rows, in_features)).astype("float32")
+    kernel = rng.standard_normal((out_features, in_features)).astype("float32")
+    actual = decode_matmul(
+        keras.ops.cast(inputs, dtype), keras.ops.cast(kernel, dtype)
+    )
+    assert tuple(actual.shape) == (rows, out_features)
+    actual = np.asarray(keras.ops.convert_to_numpy(keras.ops.cast(actual, "float32")))
+    if dtype == "bfloat16":
+        # The reference sees the same bfloat16-rounded operands; the products accumulate in
+        # bfloat16 (at most 24 terms here), so allow a few bfloat16 steps of the result.
+        inputs = np.asarray(keras.ops.convert_to_numpy(
+            keras.ops.cast(keras.ops.cast(inputs, dtype), "float32")))
+        kernel = np.asarray(keras.ops.convert_to_numpy(
+            keras.ops.cast(keras.ops.cast(kernel, dtype), "float32")))
+        expected = inputs @ kernel.T
+        np.testing.assert_allclose(actual, expected, atol=0.1, rtol=0.02)
+    else:
+        np.testing.assert_allclose(actual, inputs @ kernel.T, atol=1e-5, rtol=1e-5)
