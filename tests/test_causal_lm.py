@@ -161,8 +161,8 @@ TINY = dict(
 )
 
 
-def _tiny_lm(**overrides):
-    backbone = GemmaBackbone(**{**TINY, **overrides}, dtype="float32")
+def _tiny_lm(dtype="float32", **overrides):
+    backbone = GemmaBackbone(**{**TINY, **overrides}, dtype=dtype)
     rng = np.random.default_rng(0)
     for variable in backbone.weights:
         # A small embedding, so greedy continuations vary (see `reference` above).

@@ -48,6 +48,32 @@ def test_new_prompt_length_or_max_length_in_a_bucket_does_not_compile_again(lm):
     assert lm.generator.trace_count == traces + 1
 
 
+def test_python_driven_loop_matches_the_compiled_loop(lm, monkeypatch):
+    """The loop in Python around a compiled step (torch; JAX with bfloat16 weights) gives
+    the compiled loop's tokens, stop tokens included."""
+    from keras_gemma.generation.generator import Generator
+
+    prompt = _prompt((3, 6), 30, seed=5)
+    free = lm.generate(prompt, stop_token_ids=None)
+    stop = int(free["token_ids"][0, 5])
+    stopped = lm.generate(prompt, stop_token_ids=[stop])
+    monkeypatch.setattr(Generator, "_steps_from_python", lambda self: True)
+    lm.generator.reset()
+    for expected, stop_ids in ((free, None), (stopped, [stop])):
+        actual = lm.generate(prompt, stop_token_ids=stop_ids)
+        np.testing.assert_array_equal(actual["token_ids"], expected["token_ids"])
+        np.testing.assert_array_equal(actual["padding_mask"], expected["padding_mask"])
+    lm.generator.reset()
+
+
+def test_bfloat16_weights_decode_from_python_on_jax():
+    bf16 = _tiny_lm(dtype="bfloat16")
+    expected = keras.backend.backend() in ("jax", "torch")
+    assert bf16.generator._steps_from_python() == expected
+    output = bf16.generate(_prompt((3, 5), 20), stop_token_ids=None)
+    assert output["padding_mask"][:, :20].all()
+
+
 def test_stop_tokens_stop_rows_independently(lm):
     prompt = _prompt((3, 6), 30, seed=3)
     free = lm.generate(prompt, stop_token_ids=None)["token_ids"]

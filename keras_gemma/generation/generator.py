@@ -19,7 +19,8 @@ class Generator:
     program (`lax.while_loop`, model weights passed in as arguments through a
     `keras.StatelessScope`); TensorFlow as one `tf.function(jit_compile=True)`; PyTorch
     drives the loop from Python and replays each decode step as a `torch.jit.trace`d graph
-    over a fixed-shape cache (`torch_step.py` has the measurements behind that choice).
+    over a fixed-shape cache (`torch_step.py` has the measurements behind that choice), and
+    so does JAX for bfloat16 weights, around a jitted step (`_steps_from_python`).
 
     Shapes are bucketed (`buckets.py`): the cache is as wide as `length_bucket(max_length)`,
     the prefill covers `prefill_bucket(shortest prompt)` positions, and the start position,
@@ -170,12 +171,9 @@ class Generator:
         return self._compile(step, xla=False)
 
     def _make_generate(self, prefill, sampler, stop_ids, pad_id, step_key):
-        if keras.backend.backend() == "torch":
-            # The loop runs in Python (`ops.while_loop` on torch) around the traced step
-            # that `stream()` uses too.
-            body = self._function(step_key, lambda: self._make_step(sampler, stop_ids, pad_id))
-        else:
-            body = self._body(self._decode, sampler, stop_ids, pad_id)
+        if self._steps_from_python():
+            return self._make_stepwise_generate(prefill, sampler, stop_ids, pad_id, step_key)
+        body = self._body(self._decode, sampler, stop_ids, pad_id)
 
         def run(tokens, prompt_mask, start, max_length, key):
             caches = self._prefill(tokens, prefill)
@@ -203,6 +201,47 @@ class Generator:
             return tokens, _output_mask(tokens, prompt, end, stop_ids)
 
         return self._compile(run)
+
+    def _steps_from_python(self):
+        """Whether the decode loop runs in Python around a compiled step.
+
+        torch: always (see torch_step.py). JAX: when the weights are 16-bit. XLA's CPU dot
+        has no bfloat16 kernel: it converts each weight to float32 on the fly, and inside a
+        `lax.while_loop` it hoists those conversions out of the loop as float32 copies of
+        every weight (gemma_2b_en in bfloat16 ran out of 24 GB). A step compiled on its own
+        keeps the conversion per step, and the memory at the bfloat16 size.
+        """
+        backend = keras.backend.backend()
+        if backend == "torch":
+            return True
+        # The token embedding carries the weights' policy (a Functional model reports its own).
+        dtype = keras.backend.standardize_dtype(self.model.backbone.token_embedding.compute_dtype)
+        return backend == "jax" and dtype in ("bfloat16", "float16")
+
+    def _make_stepwise_generate(self, prefill, sampler, stop_ids, pad_id, step_key):
+        step = self._function(step_key, lambda: self._make_step(sampler, stop_ids, pad_id))
+        prefill_fn = self._function(
+            ("prefill", step_key[1], prefill), lambda: self._make_prefill(prefill)
+        )
+
+        def run(tokens, prompt_mask, start, max_length, key):
+            caches = prefill_fn(tokens)
+            rows = tokens.shape[0]
+            done = ops.zeros((rows,), "bool")
+            scores = sampler.initial_scores(rows)
+            index, stop = int(start), int(max_length)
+            while index < stop and not bool(ops.convert_to_numpy(ops.all(done))):
+                index_tensor = ops.convert_to_tensor(np.int32(index))
+                tokens, caches, done, scores = step(
+                    tokens, caches, index_tensor, prompt_mask, done, scores, key
+                )
+                index += 1
+            tokens, done = sampler.finalize(tokens, done, scores)
+            prompt = prompt_mask[:: sampler.num_beams]
+            end = ops.convert_to_tensor(np.int32(index))
+            return tokens, _output_mask(tokens, prompt, end, stop_ids)
+
+        return run
 
     def _function(self, key, make):
         # Enabling LoRA or quantizing changes the weights a traced program reads: such a
