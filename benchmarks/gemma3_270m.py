@@ -14,7 +14,13 @@ runs the GGUF as is.
   transformers converter loads it. On each selected Keras backend.
 - transformers: the same DIR, `model.generate(do_sample=False, max_new_tokens=n)` (torch).
 - llama.cpp: llama-cpp-python on the GGUF, only if it is importable (it is not installed
-  here: it compiles for ~12 minutes and belongs in the benchmark's own environment).
+  here: it compiles for ~5-12 minutes and belongs in the benchmark's own environment). On
+  this VM the default native build segfaults in generate (its AMX kernels); build it with
+      python -m venv --system-site-packages /tmp/bench-venv
+      CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+        -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON" \
+        /tmp/bench-venv/bin/pip install --no-cache-dir llama-cpp-python
+  and run this script with /tmp/bench-venv/bin/python.
 
 Method: every implementation runs in its own process (KERAS_BACKEND set; torch and llama.cpp
 use --threads threads). Each tokenizes the same prompt with its own tokenizer (<bos> first),
@@ -216,7 +222,9 @@ def run_child(implementation, backend, args):
             data["wall_seconds"] = time.perf_counter() - started
             return data
     lines = [l for l in result.stderr.strip().splitlines() if l.strip()]
-    return {"error": lines[-1] if lines else f"exit status {result.returncode}, no output"}
+    # A crashed child (llama.cpp's AMX build segfaults here) leaves only log lines behind.
+    status = f"exit status {result.returncode}"
+    return {"error": f"{status}; last stderr line: {lines[-1]}" if lines else f"{status}, no output"}
 
 
 def report(rows, args):
