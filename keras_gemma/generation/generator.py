@@ -6,6 +6,7 @@ from keras import ops
 
 from keras_gemma.generation.buckets import length_bucket
 from keras_gemma.generation.buckets import prefill_bucket
+from keras_gemma.generation.layerwise_prefill import LayerwisePrefill
 from keras_gemma.generation.sampler import is_stop_token
 from keras_gemma.generation.torch_step import TracedStep
 from keras_gemma.layers.decode_matmul import decode_matmul
@@ -162,6 +163,14 @@ class Generator:
         return body
 
     def _make_prefill(self, prefill):
+        if keras.backend.backend() == "jax" and self._steps_from_python():
+            layerwise = LayerwisePrefill(self.model, self._counted)
+
+            def run(tokens):
+                caches = self._empty_caches(tokens.shape[0], tokens.shape[1])
+                return layerwise(tokens, caches, prefill)
+
+            return run
         return self._compile(lambda tokens: self._prefill(tokens, prefill), xla=False)
 
     def _make_step(self, sampler, stop_ids, pad_id):
@@ -209,7 +218,8 @@ class Generator:
         has no bfloat16 kernel: it converts each weight to float32 on the fly, and inside a
         `lax.while_loop` it hoists those conversions out of the loop as float32 copies of
         every weight (gemma_2b_en in bfloat16 ran out of 24 GB). A step compiled on its own
-        keeps the conversion per step, and the memory at the bfloat16 size.
+        keeps the conversion per step, and the memory at the bfloat16 size; the prefill
+        runs block by block for the same reason (`layerwise_prefill.py`).
         """
         backend = keras.backend.backend()
         if backend == "torch":
