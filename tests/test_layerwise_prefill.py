@@ -44,3 +44,29 @@ def test_bfloat16_generate_uses_it_and_matches_the_float32_prompt_caches():
     for got, want in zip(caches, reference):
         # bfloat16 keys and values of the same weights: within bfloat16 rounding.
         np.testing.assert_allclose(to_numpy(got), to_numpy(want), atol=0.1, rtol=0.05)
+
+
+def test_layerwise_step_equals_the_one_program_step(monkeypatch):
+    from keras_gemma.generation.greedy_sampler import GreedySampler
+    from keras_gemma.generation.layerwise_step import LayerwiseStep
+
+    lm = _tiny_lm(num_layers=3, sliding_window_pattern=3)
+    generator = Generator(lm)
+    rng = np.random.default_rng(1)
+    tokens = keras.ops.convert_to_tensor(rng.integers(4, 128, size=(3, 16)).astype("int32"))
+    caches = generator._prefill(tokens, 8)
+    mask = keras.ops.convert_to_tensor(np.arange(16)[None].repeat(3, 0) < 8)
+    state = (keras.ops.zeros((3,), "bool"), keras.ops.zeros((3,), "float32"),
+             keras.ops.convert_to_tensor(np.zeros(2, "int32")))
+    index = keras.ops.convert_to_tensor(np.int32(9))
+    expected = generator._make_step(GreedySampler(), (), 0, rows=3)(
+        tokens, caches, index, mask, *state
+    )
+    monkeypatch.setattr(Generator, "_steps_from_python", lambda self: True)
+    step = generator._make_step(GreedySampler(), (), 0, rows=3)
+    assert isinstance(step, LayerwiseStep)
+    actual = step(tokens, caches, index, mask, *state)
+    np.testing.assert_array_equal(to_numpy(actual[0]), to_numpy(expected[0]))  # tokens
+    for got, want in zip(actual[1], expected[1]):  # caches
+        np.testing.assert_allclose(to_numpy(got), to_numpy(want), atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(to_numpy(actual[2]), to_numpy(expected[2]))

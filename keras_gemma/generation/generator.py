@@ -7,6 +7,7 @@ from keras import ops
 from keras_gemma.generation.buckets import length_bucket
 from keras_gemma.generation.buckets import prefill_bucket
 from keras_gemma.generation.layerwise_prefill import LayerwisePrefill
+from keras_gemma.generation.layerwise_step import LayerwiseStep
 from keras_gemma.generation.sampler import is_stop_token
 from keras_gemma.generation.torch_step import TracedStep
 from keras_gemma.layers.decode_matmul import decode_matmul
@@ -173,10 +174,22 @@ class Generator:
             return run
         return self._compile(lambda tokens: self._prefill(tokens, prefill), xla=False)
 
-    def _make_step(self, sampler, stop_ids, pad_id):
+    def _make_step(self, sampler, stop_ids, pad_id, rows=1):
         step = self._body(self._decode, sampler, stop_ids, pad_id)
         if keras.backend.backend() == "torch":
             return TracedStep(self._counted(step), self.model)
+        if rows > 1 and keras.backend.backend() == "jax" and self._steps_from_python():
+            backbone = self.model.backbone
+
+            def finish(hidden, tokens, caches, index, prompt_mask, done, scores, key):
+                hidden = backbone.final_normalization(hidden)
+                logits = _tied_logits(backbone.token_embedding, hidden)
+                return sampler.select(
+                    logits, tokens, caches, index, prompt_mask, done, scores, key, stop_ids,
+                    pad_id,
+                )
+
+            return LayerwiseStep(self.model, finish, self._counted)
         return self._compile(step, xla=False)
 
     def _make_generate(self, prefill, sampler, stop_ids, pad_id, step_key):
@@ -219,7 +232,8 @@ class Generator:
         `lax.while_loop` it hoists those conversions out of the loop as float32 copies of
         every weight (gemma_2b_en in bfloat16 ran out of 24 GB). A step compiled on its own
         keeps the conversion per step, and the memory at the bfloat16 size; the prefill
-        runs block by block for the same reason (`layerwise_prefill.py`).
+        runs block by block for the same reason (`layerwise_prefill.py`), and so does a
+        step of several rows (`layerwise_step.py`).
         """
         backend = keras.backend.backend()
         if backend == "torch":
@@ -229,7 +243,10 @@ class Generator:
         return backend == "jax" and dtype in ("bfloat16", "float16")
 
     def _make_stepwise_generate(self, prefill, sampler, stop_ids, pad_id, step_key):
-        step = self._function(step_key, lambda: self._make_step(sampler, stop_ids, pad_id))
+        rows = step_key[1][0]
+        step = self._function(
+            step_key, lambda: self._make_step(sampler, stop_ids, pad_id, rows=rows)
+        )
         prefill_fn = self._function(
             ("prefill", step_key[1], prefill), lambda: self._make_prefill(prefill)
         )

@@ -29,6 +29,15 @@ class LayerwisePrefill:
     def __call__(self, tokens, caches, prefill_length):
         if not prefill_length:
             return caches
+        x = self.embed(tokens[:, :prefill_length])
+        updated = []
+        for block, cache in zip(self.model.backbone.transformer_layers, caches):
+            x, cache = self.run_block(block, x, cache, 0)
+            updated.append(cache)
+        return updated
+
+    def embed(self, token_ids):
+        """The scaled token embeddings of `token_ids` [batch, length], in one jitted call."""
         import jax
 
         backbone = self.model.backbone
@@ -41,14 +50,10 @@ class LayerwisePrefill:
                     return x * ops.cast(backbone.hidden_dim**0.5, x.dtype)
 
             self._embed = jax.jit(self._counted(embed))
-        x = self._embed(_values(backbone.token_embedding), tokens[:, :prefill_length])
-        updated = []
-        for block, cache in zip(backbone.transformer_layers, caches):
-            x, cache = self._program(block)(_values(block), x, cache)
-            updated.append(cache)
-        return updated
+        return self._embed(_values(backbone.token_embedding), token_ids)
 
-    def _program(self, block):
+    def run_block(self, block, x, cache, cache_update_index):
+        """`block(x, cache=cache, cache_update_index=...)` as one jitted call."""
         import jax
 
         config = {k: v for k, v in block.get_config().items() if k != "name"}
@@ -56,14 +61,14 @@ class LayerwisePrefill:
         program = self._programs.get(key)
         if program is None:
 
-            def run(weights, x, cache):
+            def run(weights, x, cache, cache_update_index):
                 # `block` stands for every block of this configuration: its variables are
                 # mapped to the weights passed in.
                 with keras.StatelessScope(state_mapping=list(zip(block.weights, weights))):
-                    return block(x, cache=cache, cache_update_index=0)
+                    return block(x, cache=cache, cache_update_index=cache_update_index)
 
             program = self._programs[key] = jax.jit(self._counted(run))
-        return program
+        return program(_values(block), x, cache, ops.convert_to_tensor(cache_update_index, "int32"))
 
 
 def _values(layer):
