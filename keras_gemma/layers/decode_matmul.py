@@ -7,9 +7,12 @@ memory bandwidth, and how fast it runs depends on the exact formulation (measure
 
 - XLA float32: `(W @ x.T).T` 14.2 ms; `x @ W.T` 85 ms (the down projection, in > out,
   falls to ~2 GB/s); a (in, out) kernel with `x @ W` 16.7 ms.
-- XLA bfloat16: `x @ W.T` with an explicit transpose runs at 17-37 GB/s when out >= in, and
-  a `dot_general` that contracts both last axes at ~1 GB/s; for in > out, the sum of
-  (out x out) chunks keeps the fast form: 16 ms in all, against 122 ms for a (in, out) kernel.
+- XLA bfloat16: XLA's CPU dot has no bfloat16 kernel; it converts the weight to float32
+  as part of the product, and only some forms fuse that conversion well. `x @ W.T` with an
+  explicit transpose does (17-37 GB/s of bfloat16 read alone, out >= in); a `dot_general`
+  contracting both last axes does not (~1 GB/s); for in > out the sum of (out x out) chunks
+  keeps the good form: 16 ms for the FFN, against 122 ms for a (in, out) kernel. So bfloat16
+  runs at float32 speed here, not twice it (see generator.py for what it does to memory).
 - PyTorch (oneDNN): `W @ x.T` 27-42 GB/s in float32 and bfloat16 (a (in, out) kernel in
   bfloat16: ~12 GB/s).
 """
