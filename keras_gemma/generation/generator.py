@@ -228,10 +228,11 @@ class Generator:
         """Whether the decode loop runs in Python around a compiled step.
 
         torch: always (see torch_step.py). JAX: when the weights are 16-bit. XLA's CPU dot
-        has no bfloat16 kernel: it converts each weight to float32 on the fly, and inside a
-        `lax.while_loop` it hoists those conversions out of the loop as float32 copies of
-        every weight (gemma_2b_en in bfloat16 ran out of 24 GB). A step compiled on its own
-        keeps the conversion per step, and the memory at the bfloat16 size; the prefill
+        has no bfloat16 kernel: it converts each weight to float32 on the fly, and the
+        whole-loop program (prefill + `lax.while_loop`) held float32 copies of the weights
+        at once (gemma_2b_en in bfloat16 ran out of 24 GB; presumably the loop-invariant
+        conversions are hoisted out of the loop). A step compiled on its own converts within
+        each product, and the memory stays at the bfloat16 size; the prefill
         runs block by block for the same reason (`layerwise_prefill.py`), and so does a
         step of several rows (`layerwise_step.py`).
         """
