@@ -52,6 +52,10 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import child_process  # noqa: E402
+
 IMPLEMENTATIONS = ("keras_gemma", "keras_gemma_bf16", "keras_hub", "transformers", "llama_cpp")
 KERAS = ("keras_gemma", "keras_gemma_bf16", "keras_hub")
 LABELS = {"keras_gemma": "keras_gemma", "keras_gemma_bf16": "keras_gemma bf16",
@@ -214,17 +218,7 @@ def run_child(implementation, backend, args):
     command = [sys.executable, os.path.abspath(__file__), "--child", implementation,
                "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats),
                "--threads", str(args.threads), "--prompt", args.prompt, "--hf-dir", args.hf_dir]
-    started = time.perf_counter()
-    result = subprocess.run(command, env=environment, capture_output=True, text=True)
-    for line in result.stdout.splitlines():
-        if line.startswith("RESULT "):
-            data = json.loads(line[len("RESULT "):])
-            data["wall_seconds"] = time.perf_counter() - started
-            return data
-    lines = [l for l in result.stderr.strip().splitlines() if l.strip()]
-    # A crashed child (llama.cpp's AMX build segfaults here) leaves only log lines behind.
-    status = f"exit status {result.returncode}"
-    return {"error": f"{status}; last stderr line: {lines[-1]}" if lines else f"{status}, no output"}
+    return child_process.run_child(command, environment)
 
 
 def report(rows, args):

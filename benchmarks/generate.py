@@ -15,12 +15,11 @@ Usage:
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import child_process  # noqa: E402
 from load_memory import SHAPES, write_checkpoints  # noqa: E402
 
 CHILD = r"""
@@ -77,14 +76,7 @@ def run_child(implementation, path, dtype, backend, args):
     environment = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
     command = [sys.executable, "-c", CHILD, implementation, path, dtype,
                str(args.prompt), str(args.new_tokens), str(args.repeats)]
-    started = time.perf_counter()
-    result = subprocess.run(command, env=environment, capture_output=True, text=True)
-    for line in result.stdout.splitlines():
-        if line.startswith("RESULT "):
-            data = json.loads(line[len("RESULT "):])
-            data["wall_seconds"] = time.perf_counter() - started
-            return data
-    return {"error": result.stderr.strip().splitlines()[-1:] or ["no output"]}
+    return child_process.run_child(command, environment)
 
 
 def main():

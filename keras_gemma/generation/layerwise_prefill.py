@@ -23,7 +23,8 @@ class LayerwisePrefill:
     def __init__(self, model, counted=lambda function: function):
         self.model = model
         self._counted = counted  # wraps traced functions so that the Generator counts traces
-        self._programs = {}
+        self._programs = {}  # by block configuration
+        self._block_programs = {}  # by block, once its configuration was looked up
         self._embed = None
 
     def __call__(self, tokens, caches, prefill_length):
@@ -54,6 +55,14 @@ class LayerwisePrefill:
 
     def run_block(self, block, x, cache, cache_update_index):
         """`block(x, cache=cache, cache_update_index=...)` as one jitted call."""
+        index = ops.convert_to_tensor(cache_update_index, "int32")
+        return self._program(block)(_values(block), x, cache, index)
+
+    def _program(self, block):
+        # Looked up by block first: the decode loop calls this for every block at every step.
+        program = self._block_programs.get(id(block))
+        if program is not None:
+            return program
         import jax
 
         config = {k: v for k, v in block.get_config().items() if k != "name"}
@@ -68,7 +77,8 @@ class LayerwisePrefill:
                     return block(x, cache=cache, cache_update_index=cache_update_index)
 
             program = self._programs[key] = jax.jit(self._counted(run))
-        return program(_values(block), x, cache, ops.convert_to_tensor(cache_update_index, "int32"))
+        self._block_programs[id(block)] = program
+        return program
 
 
 def _values(layer):
