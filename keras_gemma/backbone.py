@@ -164,6 +164,9 @@ class GemmaBackbone(keras.Model):
             dtype=dtype,
             **kwargs,
         )
+        # A Functional model ignores `dtype`; without this, `compute_dtype` would say float32 for
+        # a bfloat16 model (and its KV caches, sized from it, would be float32).
+        self.dtype_policy = token_embedding.dtype_policy
         self.token_embedding = token_embedding
         self.transformer_layers = transformer_layers
         self.final_normalization = final_normalization

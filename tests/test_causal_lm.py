@@ -279,3 +279,17 @@ def test_save_and_load_keras_file(tmp_path):
     assert type(restored.sampler).__name__ == "TopKSampler"
     rebuilt = GemmaCausalLM.from_config(lm.get_config())
     assert rebuilt.backbone.get_config() == lm.backbone.get_config()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "mixed_bfloat16"])
+def test_a_16_bit_model_keeps_16_bit_caches(dtype):
+    # A Functional model ignores its `dtype` argument; the backbone must still report the
+    # policy, or the KV caches sized from it are float32 (twice the memory of bfloat16 keys).
+    lm = _tiny_lm(dtype=dtype)
+    assert lm.backbone.compute_dtype == "bfloat16"
+    cache = lm.empty_cache(2, 8)
+    assert keras.backend.standardize_dtype(cache.dtype) == "bfloat16"
+    _, _, cache = lm.call_with_cache(np.full((2, 3), 5, "int32"), cache, 0)
+    assert keras.backend.standardize_dtype(cache.dtype) == "bfloat16"
+    caches = lm.generator._empty_caches(2, 8)
+    assert {keras.backend.standardize_dtype(c.dtype) for c in caches} == {"bfloat16"}

@@ -239,8 +239,7 @@ class Generator:
         backend = keras.backend.backend()
         if backend == "torch":
             return True
-        # The token embedding carries the weights' policy (a Functional model reports its own).
-        dtype = keras.backend.standardize_dtype(self.model.backbone.token_embedding.compute_dtype)
+        dtype = keras.backend.standardize_dtype(self.model.backbone.compute_dtype)
         return backend == "jax" and dtype in ("bfloat16", "float16")
 
     def _make_stepwise_generate(self, prefill, sampler, stop_ids, pad_id, step_key):
