@@ -37,3 +37,20 @@ def test_matches_numpy(rows, in_features, out_features, dtype):
         np.testing.assert_allclose(actual, expected, atol=0.1, rtol=0.02)
     else:
         np.testing.assert_allclose(actual, inputs @ kernel.T, atol=1e-5, rtol=1e-5)
+
+
+def test_off_the_cpu_the_plain_product_is_used(monkeypatch):
+    import keras_gemma.layers.decode_matmul as decode_matmul_module
+
+    rng = np.random.default_rng(0)
+    inputs = rng.standard_normal((2, 24)).astype("float32")
+    kernel = rng.standard_normal((8, 24)).astype("float32")
+    on_cpu = decode_matmul(keras.ops.cast(inputs, "bfloat16"), keras.ops.cast(kernel, "bfloat16"))
+    monkeypatch.setattr(decode_matmul_module, "xla_runs_on_cpu", lambda: False)
+    plain = decode_matmul(keras.ops.cast(inputs, "bfloat16"), keras.ops.cast(kernel, "bfloat16"))
+    expected = keras.ops.matmul(
+        keras.ops.cast(inputs, "bfloat16"), keras.ops.transpose(keras.ops.cast(kernel, "bfloat16"))
+    )
+    as_numpy = lambda x: np.asarray(keras.ops.convert_to_numpy(keras.ops.cast(x, "float32")))
+    np.testing.assert_array_equal(as_numpy(plain), as_numpy(expected))
+    np.testing.assert_allclose(as_numpy(plain), as_numpy(on_cpu), atol=0.25, rtol=0.02)

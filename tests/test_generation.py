@@ -7,6 +7,7 @@ from conftest import to_numpy
 from test_causal_lm import _tiny_lm
 
 from keras_gemma.generation.text_stream import TextStream
+from keras_gemma.layers.decode_matmul import xla_runs_on_cpu
 
 
 def _prompt(lengths, width, seed=0):
@@ -68,8 +69,23 @@ def test_python_driven_loop_matches_the_compiled_loop(lm, monkeypatch):
 
 def test_bfloat16_weights_decode_from_python_on_jax():
     bf16 = _tiny_lm(dtype="bfloat16")
-    expected = keras.backend.backend() in ("jax", "torch")
+    backend = keras.backend.backend()
+    expected = backend == "torch" or (backend == "jax" and xla_runs_on_cpu())
     assert bf16.generator._steps_from_python() == expected
+    output = bf16.generate(_prompt((3, 5), 20), stop_token_ids=None)
+    assert output["padding_mask"][:, :20].all()
+
+
+def test_an_accelerator_keeps_one_compiled_loop_for_16_bit_weights(monkeypatch):
+    # The Python-driven loop works around XLA's CPU dot; with an accelerator JAX compiles
+    # the whole loop again, and decode_matmul uses the plain product.
+    import keras_gemma.generation.generator as generator_module
+    import keras_gemma.layers.decode_matmul as decode_matmul_module
+
+    monkeypatch.setattr(generator_module, "xla_runs_on_cpu", lambda: False)
+    monkeypatch.setattr(decode_matmul_module, "xla_runs_on_cpu", lambda: False)
+    bf16 = _tiny_lm(dtype="bfloat16")
+    assert bf16.generator._steps_from_python() == (keras.backend.backend() == "torch")
     output = bf16.generate(_prompt((3, 5), 20), stop_token_ids=None)
     assert output["padding_mask"][:, :20].all()
 

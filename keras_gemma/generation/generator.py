@@ -11,6 +11,7 @@ from keras_gemma.generation.layerwise_step import LayerwiseStep
 from keras_gemma.generation.sampler import is_stop_token
 from keras_gemma.generation.torch_step import TracedStep
 from keras_gemma.layers.decode_matmul import decode_matmul
+from keras_gemma.layers.decode_matmul import xla_runs_on_cpu
 
 
 class Generator:
@@ -227,7 +228,8 @@ class Generator:
     def _steps_from_python(self):
         """Whether the decode loop runs in Python around a compiled step.
 
-        torch: always (see torch_step.py). JAX: when the weights are 16-bit. XLA's CPU dot
+        torch: always (see torch_step.py). JAX: when the weights are 16-bit and XLA runs on
+        the CPU (an accelerator has bfloat16 dots, and one compiled loop). XLA's CPU dot
         has no bfloat16 kernel: it converts each weight to float32 on the fly, and the
         whole-loop program (prefill + `lax.while_loop`) held float32 copies of the weights
         at once (gemma_2b_en in bfloat16 ran out of 24 GB; presumably the loop-invariant
@@ -240,7 +242,7 @@ class Generator:
         if backend == "torch":
             return True
         dtype = keras.backend.standardize_dtype(self.model.backbone.compute_dtype)
-        return backend == "jax" and dtype in ("bfloat16", "float16")
+        return backend == "jax" and dtype in ("bfloat16", "float16") and xla_runs_on_cpu()
 
     def _make_stepwise_generate(self, prefill, sampler, stop_ids, pad_id, step_key):
         rows = step_key[1][0]

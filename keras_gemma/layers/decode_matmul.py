@@ -17,6 +17,8 @@ memory bandwidth, and how fast it runs depends on the exact formulation (measure
   bfloat16: ~12 GB/s).
 """
 
+import functools
+
 import keras
 from keras import ops
 
@@ -32,7 +34,7 @@ def decode_matmul(inputs, kernel):
     if backend == "torch" or keras.backend.standardize_dtype(kernel.dtype) == "float32":
         return ops.transpose(ops.matmul(kernel, ops.transpose(inputs)))
     out_features, in_features = kernel.shape
-    if in_features <= out_features or in_features % out_features:
+    if in_features <= out_features or in_features % out_features or not xla_runs_on_cpu():
         return ops.matmul(inputs, ops.transpose(kernel))
     chunk = out_features
     total = None
@@ -54,3 +56,27 @@ def is_decode_step(dense, inputs):
         and inputs.shape[1] == 1
         and inputs.shape[0] is not None
     )
+
+
+@functools.lru_cache(maxsize=None)
+def xla_runs_on_cpu():
+    """True where the JAX or TensorFlow backend computes on the CPU (no GPU or TPU in sight).
+
+    The 16-bit forms here and the block-by-block decoding of 16-bit weights on JAX
+    (generator.py) work around XLA's CPU dot, which has no bfloat16 kernel; an accelerator's
+    dot has one, and there the plain forms and one compiled loop are the fast ones.
+
+    Example:
+    >>> xla_runs_on_cpu()  # JAX or TensorFlow on a machine without an accelerator
+    True
+    """
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return jax.default_backend() == "cpu"
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return not (tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"))
+    return False
