@@ -91,6 +91,9 @@ def main():
     parser.add_argument("--dir", default="/tmp/keras_gemma_load_benchmark")
     args = parser.parse_args()
 
+    # This process only writes checkpoints, but importing keras_gemma imports Keras, whose
+    # default backend (TensorFlow) may not be installed (a GPU machine with JAX and torch).
+    os.environ.setdefault("KERAS_BACKEND", args.backends.split(",")[0])
     rows = []
     for shape in args.shapes.split(","):
         keras_hub_dir, _ = write_checkpoints(os.path.join(args.dir, shape), SHAPES[shape])

@@ -29,6 +29,7 @@ class LayerwiseStep:
         self._finish = finish
         self._counted = counted
         self._finish_program = None
+        self._finish_variables = None
 
     def __call__(self, tokens, caches, index, prompt_mask, done, scores, key):
         import jax
@@ -41,18 +42,19 @@ class LayerwiseStep:
             x, cache = self._blocks.run_block(block, x, cache, index - 1)
             updated.append(cache)
         if self._finish_program is None:
-            variables = self._finish_variables()
+            # Listed once: the Generator makes new steps when the model's weights change.
+            variables = self._finish_variables = self._list_finish_variables()
 
             def finish(weights, *arguments):
                 with keras.StatelessScope(state_mapping=list(zip(variables, weights))):
                     return self._finish(*arguments)
 
             self._finish_program = jax.jit(self._counted(finish))
-        weights = [variable.value for variable in self._finish_variables()]
+        weights = [variable.value for variable in self._finish_variables]
         return self._finish_program(
             weights, x, tokens, updated, index, prompt_mask, done, scores, key
         )
 
-    def _finish_variables(self):
+    def _list_finish_variables(self):
         backbone = self.model.backbone
         return list(backbone.final_normalization.weights) + list(backbone.token_embedding.weights)
