@@ -13,23 +13,17 @@ Example:
 """
 
 import gc
-import hashlib
 import json
 import os
-import sys
-import tempfile
 import time
 
 import numpy as np
 
-from keras_gemma.checkpoints.sentencepiece_proto import (
-    BPE,
-    CONTROL,
-    NORMAL,
-    UNKNOWN,
-    USER_DEFINED,
-    serialize_model,
-)
+from keras_gemma.checkpoints.conversion_cache import cache_root
+from keras_gemma.checkpoints.conversion_cache import conversion_progress
+from keras_gemma.checkpoints.conversion_cache import file_sha256
+from keras_gemma.checkpoints.gguf_vocabulary import gguf_field
+from keras_gemma.checkpoints.gguf_vocabulary import sentencepiece_proto
 
 # Bump when the conversion changes, so caches written by an older converter are redone.
 CONVERTER_VERSION = 2  # 2: dense kernels (out, in)
@@ -102,14 +96,9 @@ def open_gguf(path):
     return reader
 
 
-def _field(reader, key, default=None):
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
-
-
 def architecture(reader):
     """The GGUF file's `general.architecture`, refused unless it is a Gemma one."""
-    arch = _field(reader, "general.architecture")
+    arch = gguf_field(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(
             f"unsupported GGUF architecture {arch!r}: keras_gemma reads "
@@ -140,7 +129,7 @@ def backbone_arguments(reader):
     arch = architecture(reader)
 
     def get(key, default=None):
-        return _field(reader, key.format(arch=arch), default)
+        return gguf_field(reader, key.format(arch=arch), default)
 
     embedding = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     if embedding is None:
@@ -266,110 +255,6 @@ def load_weights_from_reader(backbone, reader, progress=None):
     return backbone
 
 
-def sentencepiece_proto(reader):
-    """The serialized SentencePiece model of a Gemma GGUF file's vocabulary.
-
-    Gemma's tokenizer: BPE, byte fallback, split digits, identity normalizer, no dummy
-    prefix. llama.cpp's conversion changed three things, undone here: `<unk>` is stored as
-    CONTROL (SentencePiece needs it UNKNOWN); user-defined whitespace runs are stored with
-    real spaces instead of '▁'; and added tokens such as `<start_of_turn>`, `<end_of_turn>`,
-    `<mask>` and `<unusedN>` are marked CONTROL, which would make SentencePiece split them
-    into characters, where Gemma's tokenizer has them USER_DEFINED (matched whole).
-    """
-    model = _field(reader, "tokenizer.ggml.model")
-    if model != "llama":
-        raise ValueError(
-            f"the GGUF tokenizer is {model!r}, not a SentencePiece ('llama') vocabulary; it is "
-            "not Gemma's tokenizer."
-        )
-
-    def values(key):
-        field = reader.fields.get(key)
-        if field is None:
-            raise ValueError(f"the GGUF file lacks {key}, needed to rebuild the tokenizer.")
-        return [field.parts[i] for i in field.data]
-
-    tokens = [bytes(part).decode("utf-8") for part in values("tokenizer.ggml.tokens")]
-    scores = [float(part[0]) for part in values("tokenizer.ggml.scores")]
-    types = [int(part[0]) for part in values("tokenizer.ggml.token_type")]
-    ids = {name: _field(reader, f"tokenizer.ggml.{name}_token_id")
-           for name in ("unknown", "bos", "eos", "padding")}
-    controls = {ids["bos"], ids["eos"], ids["padding"]}
-    pieces = []
-    for index, (piece, score, kind) in enumerate(zip(tokens, scores, types)):
-        if index == ids["unknown"]:
-            kind = UNKNOWN
-        elif kind == CONTROL and index not in controls:
-            kind = USER_DEFINED
-        if kind == USER_DEFINED:
-            piece = piece.replace(" ", "\u2581")
-        if kind != NORMAL:
-            score = 0.0  # SentencePiece gives meta pieces 0; llama.cpp wrote -1000
-        pieces.append((piece, score, kind))
-    if ids["unknown"] is None:
-        raise ValueError("the GGUF vocabulary has no unknown-token id; SentencePiece needs one.")
-    names = {"unknown": "<unk>", "bos": "<bos>", "eos": "<eos>", "padding": "<pad>"}
-    special = {name: tokens[i] if i is not None else names[name] for name, i in ids.items()}
-    trainer = [
-        (3, BPE), (4, len(tokens)),  # model_type, vocab_size
-        (25, True), (26, True), (35, True),  # split_digits, whitespace-only pieces, byte fallback
-        (40, ids["unknown"]), (41, -1 if ids["bos"] is None else ids["bos"]),
-        (42, -1 if ids["eos"] is None else ids["eos"]),
-        (43, -1 if ids["padding"] is None else ids["padding"]),
-        (45, special["unknown"]), (46, special["bos"]), (47, special["eos"]),
-        (48, special["padding"]),
-    ]
-    # identity normalizer; dummy prefix as stored (off for Gemma); whitespace kept, escaped.
-    dummy_prefix = bool(_field(reader, "tokenizer.ggml.add_space_prefix", False))
-    normalizer = [(1, "identity"), (3, dummy_prefix), (4, False), (5, True)]
-    return serialize_model(pieces, trainer, normalizer)
-
-
-# The conversion cache.
-
-
-def cache_root():
-    """keras_gemma's cache: $KERAS_GEMMA_CACHE, else $XDG_CACHE_HOME/keras_gemma or ~/.cache."""
-    root = os.environ.get("KERAS_GEMMA_CACHE")
-    if not root:
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        root = os.path.join(base, "keras_gemma")
-    return root
-
-
-def _write_json_atomically(path, value):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-    with os.fdopen(handle, "w") as file:
-        json.dump(value, file, indent=1)
-    os.replace(temporary, path)
-
-
-def file_sha256(path):
-    """The file's sha256, remembered per (path, size, mtime) so a big file is hashed once."""
-    path = os.path.abspath(os.fspath(path))
-    stat = os.stat(path)
-    memo_path = os.path.join(cache_root(), "gguf", "sha256.json")
-    try:
-        with open(memo_path) as file:
-            memo = json.load(file)
-    except (OSError, ValueError):
-        memo = {}
-    key = [stat.st_size, stat.st_mtime_ns]
-    if path in memo and memo[path][:2] == key:
-        return memo[path][2]
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 22), b""):
-            digest.update(block)
-    memo[path] = key + [digest.hexdigest()]
-    try:
-        _write_json_atomically(memo_path, memo)
-    except OSError:  # a read-only cache only costs the hash next time
-        pass
-    return digest.hexdigest()
-
-
 def cache_directory(path):
     """Where the converted preset of a GGUF file lives (whether or not it exists yet)."""
     return os.path.join(cache_root(), "gguf", file_sha256(path))
@@ -385,25 +270,8 @@ def _is_converted(directory):
             and os.path.exists(os.path.join(directory, "tokenizer.model")))
 
 
-def _progress(name):
-    """A status printer on stderr: one line rewritten in place on a terminal, else a line
-    per stage (the text's first word)."""
-    tty, last = sys.stderr.isatty(), [None]
-
-    def show(text, final=False):
-        line = f"keras_gemma: converting {name} (first load only): {text}"
-        if tty:
-            sys.stderr.write("\r\033[K" + line + ("\n" if final else ""))
-        elif final or text.split(" ")[0] != last[0]:
-            sys.stderr.write(line + "\n")
-        last[0] = text.split(" ")[0]
-        sys.stderr.flush()
-
-    return show
-
-
 def _instruction_tuned(reader):
-    text = f"{_field(reader, 'general.finetune', '')} {_field(reader, 'general.name', '')}"
+    text = f"{gguf_field(reader, 'general.finetune', '')} {gguf_field(reader, 'general.name', '')}"
     words = text.lower().replace("-", " ").replace("_", " ").split()
     return "it" in words or "instruct" in words
 
@@ -422,7 +290,7 @@ def convert(path):
     directory = cache_directory(path)
     if _is_converted(directory):
         return directory
-    start, progress = time.time(), _progress(os.path.basename(path))
+    start, progress = time.time(), conversion_progress(os.path.basename(path))
     progress("reading the GGUF file")
     reader = open_gguf(path)
     arguments = backbone_arguments(reader)
@@ -439,7 +307,7 @@ def convert(path):
         "stop_tokens": ["<eos>", "<end_of_turn>"] if instruction_tuned else ["<eos>"],
         "parameter_count": GemmaBackbone.parameter_count(arguments),
         "gguf": {"converter_version": CONVERTER_VERSION, "file": os.path.basename(path),
-                 "sha256": os.path.basename(directory), "name": _field(reader, "general.name"),
+                 "sha256": os.path.basename(directory), "name": gguf_field(reader, "general.name"),
                  "architecture": architecture(reader)},
     }
     try:
