@@ -17,12 +17,10 @@ import keras
 import numpy as np
 import sentencepiece as spm
 
+from keras_gemma.chat_template import chat_turns
 from keras_gemma.checkpoints.preset_cards import PresetMapping
 
 TOKENIZER_FILENAME = "tokenizer.model"
-
-_CHAT_ROLES = {"user": "user", "model": "model", "assistant": "model"}
-
 
 def _tf_module():
     """TensorFlow, imported on first need (it takes seconds and may be absent)."""
@@ -321,7 +319,7 @@ class GemmaTokenizer(keras.layers.Layer):
                 "GemmaTokenizer.apply_chat_template: this vocabulary has no <start_of_turn> / "
                 "<end_of_turn> pieces; chat prompts need an instruction-tuned Gemma vocabulary."
             )
-        turns = _chat_turns(messages)
+        turns = chat_turns(messages)
         text = "".join(f"<start_of_turn>{role}\n{text}<end_of_turn>\n" for role, text in turns)
         if add_generation_prompt:
             text += "<start_of_turn>model\n"
@@ -393,40 +391,3 @@ def _as_strings(inputs):
     if isinstance(inputs, (list, tuple)):
         return [_as_str(x) for x in inputs], False
     return [_as_str(inputs)], True
-
-
-def _chat_turns(messages):
-    """Validate chat messages; return [(gemma_role, content)] with the system text folded in."""
-    where = "apply_chat_template"
-    if not isinstance(messages, (list, tuple)) or not messages:
-        raise TypeError(f"{where} expects a non-empty list of {{'role', 'content'}} dicts.")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise TypeError(f"{where}: message {i} must be a dict with 'role' and 'content'.")
-        if not isinstance(m["content"], str):
-            raise TypeError(f"{where}: message {i} content must be a str.")
-        if m["role"] != "system" and m["role"] not in _CHAT_ROLES:
-            raise ValueError(
-                f"{where}: message {i} has unknown role {m['role']!r}; expected "
-                "'system', 'user', 'model' or 'assistant'."
-            )
-    system = None
-    if messages[0]["role"] == "system":
-        system, messages = messages[0]["content"].strip(), messages[1:]
-        if not messages or messages[0]["role"] != "user":
-            raise ValueError(f"{where}: a system message must be followed by a user message.")
-    turns = []
-    for i, m in enumerate(messages):
-        role = _CHAT_ROLES.get(m["role"])
-        if role is None:
-            raise ValueError(f"{where}: only the first message may have role 'system'.")
-        if role != ("user" if i % 2 == 0 else "model"):
-            raise ValueError(
-                f"{where}: roles must alternate user/model starting with user; "
-                f"message {i + (system is not None)} has role {m['role']!r}."
-            )
-        content = m["content"].strip()
-        if i == 0 and system is not None:
-            content = f"{system}\n\n{content}"
-        turns.append((role, content))
-    return turns
