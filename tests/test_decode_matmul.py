@@ -3,6 +3,7 @@
 import keras
 import numpy as np
 import pytest
+from conftest import to_numpy
 
 from keras_gemma.layers.decode_matmul import decode_matmul
 
@@ -51,6 +52,8 @@ def test_off_the_cpu_the_plain_product_is_used(monkeypatch):
     expected = keras.ops.matmul(
         keras.ops.cast(inputs, "bfloat16"), keras.ops.transpose(keras.ops.cast(kernel, "bfloat16"))
     )
-    as_numpy = lambda x: np.asarray(keras.ops.convert_to_numpy(keras.ops.cast(x, "float32")))
+    def as_numpy(x):
+        return to_numpy(keras.ops.cast(x, "float32"))
+
     np.testing.assert_array_equal(as_numpy(plain), as_numpy(expected))
     np.testing.assert_allclose(as_numpy(plain), as_numpy(on_cpu), atol=0.25, rtol=0.02)
