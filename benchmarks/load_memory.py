@@ -47,9 +47,9 @@ def _tensors(shape):
         yield ours + "attention/value/kernel", theirs + "attention/value_dense/vars/0", (kv, hidden, head_dim), (0, 2, 1)
         yield ours + "attention/attention_output/kernel", theirs + "attention/output_dense/vars/0", (heads, head_dim, hidden), (2, 0, 1)
         yield ours + "pre_ffw_norm/scale", theirs + "pre_ffw_norm/vars/0", (hidden,), None
-        yield ours + "feed_forward/gate/kernel", theirs + "gating_ffw/vars/0", (hidden, width), (1, 0)
-        yield ours + "feed_forward/up/kernel", theirs + "gating_ffw_2/vars/0", (hidden, width), (1, 0)
-        yield ours + "feed_forward/down/kernel", theirs + "ffw_linear/vars/0", (width, hidden), (1, 0)
+        yield ours + "ffw_gating/kernel", theirs + "gating_ffw/vars/0", (hidden, width), (1, 0)
+        yield ours + "ffw_gating_2/kernel", theirs + "gating_ffw_2/vars/0", (hidden, width), (1, 0)
+        yield ours + "ffw_linear/kernel", theirs + "ffw_linear/vars/0", (width, hidden), (1, 0)
     yield "final_normalization/scale", "layers/rms_normalization/vars/0", (hidden,), None
 
 

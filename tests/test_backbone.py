@@ -122,26 +122,18 @@ def test_gemma_hidden_states_match_keras_hub():
     for variable in reference.weights:
         std = 0.3 if "norm" in variable.path else 0.15
         variable.assign(rng.normal(0, std, variable.shape).astype("float32"))
-    # KerasHub names: ffw_gating (gate), ffw_gating_2 (up), ffw_linear (down).
-    renames = {
-        "ffw_gating_2/": "feed_forward/up/",
-        "ffw_gating/": "feed_forward/gate/",
-        "ffw_linear/": "feed_forward/down/",
-    }
-    theirs = {}
-    for variable in reference.weights:
-        path = variable.path
-        for old, new in renames.items():
-            path = path.replace(old, new)
-        theirs[path] = variable
-    assert len(theirs) == len(ours.weights)
+    # The same variable paths as KerasHub's (user code addresses layers by these names).
+    theirs = {variable.path: variable for variable in reference.weights}
+    assert sorted(theirs) == sorted(v.path for v in ours.weights)
     # KerasHub stores kernels (in, out); ours are (out, in).
     layouts = {
         "attention/query/kernel": heads_in,
         "attention/key/kernel": heads_in,
         "attention/value/kernel": heads_in,
         "attention/attention_output/kernel": heads_out,
-        "feed_forward/": np.transpose,
+        "ffw_gating/": np.transpose,
+        "ffw_gating_2/": np.transpose,
+        "ffw_linear/": np.transpose,
     }
     for variable in ours.weights:
         value = _numpy(theirs[variable.path].value)
@@ -155,3 +147,28 @@ def test_gemma_hidden_states_match_keras_hub():
     present = inputs["padding_mask"].astype(bool)
     assert expected[present].std() > 0.1
     np.testing.assert_allclose(actual[present], expected[present], atol=1e-4, rtol=0)
+
+
+def test_gemma3_variable_paths_are_keras_hubs():
+    """Layout maps, LoRA targets and weight surgery written for KerasHub address these paths."""
+    import keras_hub
+
+    reference = keras_hub.models.Gemma3Backbone(
+        vocabulary_size=96, image_size=16, num_layers=3, num_query_heads=4,
+        num_key_value_heads=2, hidden_dim=32, intermediate_dim=32, head_dim=12,
+        use_post_attention_norm=True, use_post_ffw_norm=True, vision_encoder=None,
+    )
+    ours = GemmaBackbone(**TINY, **GEMMA3_SWITCHES)
+    assert sorted(v.path for v in ours.weights) == sorted(v.path for v in reference.weights)
+    block = ours.get_layer("decoder_block_1")
+    assert block.gating_ffw.name == "ffw_gating" and block.ffw_linear.name == "ffw_linear"
+
+
+def test_lora_on_keras_hub_layer_names():
+    backbone = GemmaBackbone(**TINY)
+    backbone.enable_lora(rank=2, target_layer_names=["ffw_gating", "ffw_linear"])
+    trained = sorted({v.path.split("/", 1)[1] for v in backbone.trainable_variables})
+    assert trained == [
+        "ffw_gating/lora_kernel_a", "ffw_gating/lora_kernel_b",
+        "ffw_linear/lora_kernel_a", "ffw_linear/lora_kernel_b",
+    ]

@@ -103,8 +103,46 @@ def test_older_format_is_refused(tmp_path):
     # Format 1 stored dense kernels (in, out): read as format 2 they would be wrong or,
     # for square kernels, silently transposed.
     preset = _edit_config(tmp_path, lambda c: c.update(keras_gemma_format=1))
-    with pytest.raises(ValueError, match="keras_gemma format 1.*reads format 2"):
+    with pytest.raises(ValueError, match=r"keras_gemma format 1.*reads formats \[2, 3\]"):
         GemmaBackbone.from_preset(preset)
+
+
+def test_newer_format_asks_for_an_upgrade(tmp_path):
+    preset = _edit_config(tmp_path, lambda c: c.update(keras_gemma_format=99))
+    with pytest.raises(ValueError, match="format 99.*upgrade keras_gemma"):
+        GemmaBackbone.from_preset(preset)
+
+
+def test_format_2_presets_still_load(tmp_path):
+    """Format 2 named the feed-forward projections feed_forward/gate|up|down."""
+    from keras_gemma.checkpoints.safetensors_io import read_safetensors, write_safetensors
+
+    backbone = GemmaBackbone(**TINY)
+    rng = np.random.default_rng(3)
+    for variable in backbone.weights:
+        variable.assign(rng.normal(0, 0.2, variable.shape).astype("float32"))
+    backbone.save_to_preset(tmp_path / "preset")
+    weights_path = str(tmp_path / "preset" / "model.safetensors")
+    old_names = {
+        "/ffw_gating_2/": "/feed_forward/up/",
+        "/ffw_gating/": "/feed_forward/gate/",
+        "/ffw_linear/": "/feed_forward/down/",
+    }
+    tensors = {}
+    for name, value in read_safetensors(weights_path).items():
+        for new, old in old_names.items():
+            name = name.replace(new, old)
+        tensors[name] = value
+    assert sum("/feed_forward/" in name for name in tensors) == 3 * TINY["num_layers"]
+    os.remove(weights_path)
+    write_safetensors(weights_path, tensors)
+    config_path = tmp_path / "preset" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["keras_gemma_format"] = 2
+    config_path.write_text(json.dumps(config))
+
+    restored = GemmaBackbone.from_preset(str(tmp_path / "preset"))
+    np.testing.assert_array_equal(_numpy(restored(_inputs())), _numpy(backbone(_inputs())))
 
 
 def test_foreign_class_is_refused(tmp_path):

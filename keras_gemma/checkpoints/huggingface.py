@@ -232,16 +232,15 @@ def transformers_weight_map(backbone, tensor_names):
     for index, block in enumerate(backbone.transformer_layers):
         name = f"{prefix}layers.{index}."
         attention = block.attention
-        ffn = block.feed_forward
         pairs += [
             (block.pre_attention_norm.scale, name + "input_layernorm.weight", same),
             (attention.query_dense.kernel, name + "self_attn.q_proj.weight", heads_in(heads)),
             (attention.key_dense.kernel, name + "self_attn.k_proj.weight", heads_in(kv_heads)),
             (attention.value_dense.kernel, name + "self_attn.v_proj.weight", heads_in(kv_heads)),
             (attention.output_dense.kernel, name + "self_attn.o_proj.weight", heads_out),
-            (ffn.gate_dense.kernel, name + "mlp.gate_proj.weight", same),
-            (ffn.up_dense.kernel, name + "mlp.up_proj.weight", same),
-            (ffn.down_dense.kernel, name + "mlp.down_proj.weight", same),
+            (block.gating_ffw.kernel, name + "mlp.gate_proj.weight", same),
+            (block.gating_ffw_2.kernel, name + "mlp.up_proj.weight", same),
+            (block.ffw_linear.kernel, name + "mlp.down_proj.weight", same),
         ]
         if block.post_attention_norm is not None:
             pairs += [

@@ -146,9 +146,9 @@ def load_keras_hub_weights(backbone, directory, family):
                 (attention.value_dense.kernel, base + "attention/value_dense/vars/0", heads_in),
                 (attention.output_dense.kernel, base + "attention/output_dense/vars/0", heads_out),
                 (block.pre_ffw_norm.scale, base + "pre_ffw_norm/vars/0"),
-                (block.feed_forward.gate_dense.kernel, base + "gating_ffw/vars/0", _transpose),
-                (block.feed_forward.up_dense.kernel, base + "gating_ffw_2/vars/0", _transpose),
-                (block.feed_forward.down_dense.kernel, base + "ffw_linear/vars/0", _transpose),
+                (block.gating_ffw.kernel, base + "gating_ffw/vars/0", _transpose),
+                (block.gating_ffw_2.kernel, base + "gating_ffw_2/vars/0", _transpose),
+                (block.ffw_linear.kernel, base + "ffw_linear/vars/0", _transpose),
             ]
             if block.post_attention_norm is not None:
                 pairs.append((block.post_attention_norm.scale, base + "post_attention_norm/vars/0"))

@@ -1,13 +1,16 @@
 """keras_gemma's own preset directory: config.json, model.safetensors, tokenizer.model.
 
 config.json:
-    {"keras_gemma_format": 2,
+    {"keras_gemma_format": 3,
      "backbone": {"class_name": "GemmaBackbone", "config": {...constructor arguments...}},
      "preprocessor": {"class_name": "GemmaCausalLMPreprocessor", "config": {...}} (optional),
      "task": {"class_name": "GemmaCausalLM", "config": {...}} (optional),
      "metadata": {"instruction_tuned": bool, "stop_tokens": [...], "parameter_count": int}}
 model.safetensors: every backbone variable under its Keras path, in its own dtype; dense
     kernels (out, in) since format 2 (format 1 stored them (in, out), as KerasHub does).
+    Format 3 names the feed-forward projections as KerasHub does (`decoder_block_N/
+    ffw_gating|ffw_gating_2|ffw_linear/kernel`); format 2 called them `decoder_block_N/
+    feed_forward/gate|up|down/kernel` and is still read, its names mapped on loading.
 tokenizer.model: the SentencePiece model (optional).
 
 A save writes into a temporary sibling directory and renames it into place, so an
@@ -26,8 +29,16 @@ import numpy as np
 
 from keras_gemma.checkpoints.safetensors_io import SafetensorsFile, write_safetensors
 
-# Bump when the layout of the saved variables changes.
-FORMAT_VERSION = 2
+# Bump when the layout or the names of the saved variables change.
+FORMAT_VERSION = 3
+# Formats this version reads; older names are mapped by `current_variable_path`.
+READABLE_FORMATS = (2, 3)
+# Format 2's feed-forward names and KerasHub's (format 3 and later).
+_FORMAT_2_RENAMES = (
+    ("/feed_forward/gate/", "/ffw_gating/"),
+    ("/feed_forward/up/", "/ffw_gating_2/"),
+    ("/feed_forward/down/", "/ffw_linear/"),
+)
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.model"
@@ -162,15 +173,32 @@ def save_preset(
     return directory
 
 
+def current_variable_path(path):
+    """The variable path of this version for a path saved by format 2 or later.
+
+    Example:
+    >>> current_variable_path("decoder_block_0/feed_forward/up/kernel")
+    'decoder_block_0/ffw_gating_2/kernel'
+    """
+    for old, new in _FORMAT_2_RENAMES:
+        path = path.replace(old, new)
+    return path
+
+
 def check_format_version(config, where):
-    """Refuses a preset written in another keras_gemma format than this version reads."""
+    """Refuses a preset written in a keras_gemma format this version cannot read."""
     version = config.get("keras_gemma_format")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_FORMATS:
+        newer = isinstance(version, int) and version > FORMAT_VERSION
+        advice = (
+            "It was written by a newer keras_gemma: upgrade keras_gemma."
+            if newer
+            else "Format 1 stored dense kernels (in, out); they are (out, in) now. Convert it "
+            "again from its source checkpoint with this version."
+        )
         raise ValueError(
             f"{where}: this preset is in keras_gemma format {version!r}, and this version of "
-            f"keras_gemma reads format {FORMAT_VERSION} (format 1 stored dense kernels "
-            "(in, out); they are (out, in) now). Convert it again from its source checkpoint "
-            "with this version."
+            f"keras_gemma reads formats {list(READABLE_FORMATS)}. {advice}"
         )
 
 
@@ -201,16 +229,18 @@ def load_weights(backbone, directory):
 
     weights = SafetensorsFile(path)
     variables = {variable.path: variable for variable in backbone.weights}
-    missing = sorted(set(variables) - set(weights.keys()))
+    stored = {current_variable_path(name): name for name in weights.keys()}
+    missing = sorted(set(variables) - set(stored))
     if missing:
         raise ValueError(f"{path} lacks the weights {missing[:5]}.")
-    extra = sorted(set(weights.keys()) - set(variables))
+    extra = sorted(set(stored) - set(variables))
     if extra:
         raise ValueError(
             f"{path} holds weights the model does not have: {extra[:5]}. Does config.json "
             "match the weights?"
         )
-    for name, variable in variables.items():
+    for path_now, variable in variables.items():
+        name = stored[path_now]
         if tuple(weights[name].shape) != tuple(variable.shape):
             assign_checked(variable, weights[name], name)  # raises, naming both shapes
         # An owned copy, never the memory map itself: a backend may alias the array it is

@@ -3,7 +3,9 @@
 import keras
 
 from keras_gemma.layers.attention import GemmaAttention, compute_attention_mask
-from keras_gemma.layers.feed_forward import GemmaFeedForward
+from keras_gemma.layers.feed_forward import build_feed_forward
+from keras_gemma.layers.feed_forward import feed_forward_projections
+from keras_gemma.layers.feed_forward import gated_feed_forward
 from keras_gemma.layers.normalization import RMSNormalization
 
 
@@ -18,8 +20,8 @@ class GemmaDecoderBlock(keras.layers.Layer):
     Args:
         hidden_dim, intermediate_dim, num_query_heads, num_key_value_heads, head_dim,
         query_pre_attn_scalar, attention_logit_soft_cap, use_query_key_norm,
-        rope_max_wavelength, rope_scaling_factor: as in `GemmaAttention` and
-            `GemmaFeedForward`.
+        rope_max_wavelength, rope_scaling_factor: as in `GemmaAttention`;
+            `intermediate_dim` is twice the feed-forward width (see feed_forward.py).
         sliding_window_size: if set, this layer only attends to the last
             `sliding_window_size` positions (the query's own included).
         use_post_attention_norm, use_post_ffw_norm: normalize each branch's output
@@ -91,8 +93,10 @@ class GemmaDecoderBlock(keras.layers.Layer):
         )
         self.post_attention_norm = norm("post_attention_norm") if use_post_attention_norm else None
         self.pre_ffw_norm = norm("pre_ffw_norm")
-        self.feed_forward = GemmaFeedForward(
-            intermediate_dim=intermediate_dim, dtype=policy, name="feed_forward"
+        # KerasHub's layer names (and attribute names), so that code addressing layers by
+        # name (layout maps, LoRA targets, weight surgery) works unchanged.
+        self.gating_ffw, self.gating_ffw_2, self.ffw_linear = feed_forward_projections(
+            hidden_dim, intermediate_dim, policy
         )
         self.post_ffw_norm = norm("post_ffw_norm") if use_post_ffw_norm else None
         self.dropout_layer = keras.layers.Dropout(dropout, dtype=policy)
@@ -103,11 +107,11 @@ class GemmaDecoderBlock(keras.layers.Layer):
             self.attention,
             self.post_attention_norm,
             self.pre_ffw_norm,
-            self.feed_forward,
             self.post_ffw_norm,
         ):
             if layer is not None:
                 layer.build(input_shape)
+        build_feed_forward(self.gating_ffw, self.gating_ffw_2, self.ffw_linear, input_shape)
         self.built = True
 
     def call(
@@ -146,7 +150,9 @@ class GemmaDecoderBlock(keras.layers.Layer):
         if self.post_attention_norm is not None:
             attended = self.post_attention_norm(attended)
         x = inputs + self.dropout_layer(attended, training=training)
-        transformed = self.feed_forward(self.pre_ffw_norm(x))
+        transformed = gated_feed_forward(
+            self.gating_ffw, self.gating_ffw_2, self.ffw_linear, self.pre_ffw_norm(x)
+        )
         if self.post_ffw_norm is not None:
             transformed = self.post_ffw_norm(transformed)
         x = x + self.dropout_layer(transformed, training=training)

@@ -1,4 +1,10 @@
-"""Gemma's gated feed-forward network."""
+"""Gemma's gated feed-forward network, as three projections owned by the decoder block.
+
+The projections are attributes of `GemmaDecoderBlock` itself, under KerasHub's names
+(`ffw_gating`, `ffw_gating_2`, `ffw_linear`), so that variable paths such as
+`decoder_block_3/ffw_gating/kernel` are the ones KerasHub users write in layout maps,
+`enable_lora(target_layer_names=...)` and weight surgery. This module makes them and runs them.
+"""
 
 import keras
 from keras import ops
@@ -8,73 +14,55 @@ from keras_gemma.layers.decode_matmul import is_decode_step
 from keras_gemma.layers.initialization import initializer
 
 
-@keras.saving.register_keras_serializable(package="keras_gemma")
-class GemmaFeedForward(keras.layers.Layer):
-    """GELU-gated feed-forward: `down(gelu_tanh(gate(x)) * up(x))`.
+def feed_forward_projections(hidden_dim, intermediate_dim, dtype):
+    """`(gating, gating_2, linear)` EinsumDense layers, built, with kernels stored (out, in).
 
-    `intermediate_dim` follows KerasHub's convention: it is twice the width of the gate and
-    up projections (gemma_2b_en: 32768, so the projections are 16384 wide). Kernels are
-    stored (out, in): gate and up (width, hidden), down (hidden, width); see decode_matmul.py.
-
-    Args:
-        intermediate_dim: twice the FFN width.
+    `intermediate_dim` follows KerasHub's convention: it is twice the width of the gating
+    projections (gemma_2b_en: 32768, so they are 16384 wide). gating and gating_2 kernels are
+    (width, hidden), linear's is (hidden, width); see decode_matmul.py for why (out, in).
 
     Example:
-    >>> ffn = GemmaFeedForward(intermediate_dim=64)
-    >>> ffn(keras.ops.ones((2, 3, 16))).shape
-    (2, 3, 16)
+    >>> gating, gating_2, linear = feed_forward_projections(16, 64, "float32")
+    >>> tuple(gating.kernel.shape), tuple(linear.kernel.shape)
+    ((32, 16), (16, 32))
     """
+    width = intermediate_dim // 2
 
-    def __init__(self, intermediate_dim, **kwargs):
-        super().__init__(**kwargs)
-        self.intermediate_dim = intermediate_dim
-
-    def build(self, input_shape):
-        hidden_dim = input_shape[-1]
-        width = self.intermediate_dim // 2
-        self.gate_dense = keras.layers.EinsumDense(
-            "btd,fd->btf",
-            output_shape=(None, width),
+    def dense(equation, output_width, name):
+        return keras.layers.EinsumDense(
+            equation,
+            output_shape=(None, output_width),
             kernel_initializer=initializer("glorot_uniform"),
-            dtype=self.dtype_policy,
-            name="gate",
+            dtype=dtype,
+            name=name,
         )
-        self.gate_dense.build(input_shape)
-        self.up_dense = keras.layers.EinsumDense(
-            "btd,fd->btf",
-            output_shape=(None, width),
-            kernel_initializer=initializer("glorot_uniform"),
-            dtype=self.dtype_policy,
-            name="up",
-        )
-        self.up_dense.build(input_shape)
-        self.down_dense = keras.layers.EinsumDense(
-            "btf,df->btd",
-            output_shape=(None, hidden_dim),
-            kernel_initializer=initializer("glorot_uniform"),
-            dtype=self.dtype_policy,
-            name="down",
-        )
-        self.down_dense.build((None, None, width))
-        self.built = True
 
-    def call(self, inputs):
-        if is_decode_step(self.gate_dense, inputs):
-            return self._decode_step(inputs)
-        gate = keras.activations.gelu(self.gate_dense(inputs), approximate=True)
-        return self.down_dense(gate * self.up_dense(inputs))
+    gating = dense("btd,fd->btf", width, "ffw_gating")
+    gating_2 = dense("btd,fd->btf", width, "ffw_gating_2")
+    linear = dense("btf,df->btd", hidden_dim, "ffw_linear")
+    return gating, gating_2, linear
 
-    def _decode_step(self, inputs):
-        rows = ops.reshape(inputs, (inputs.shape[0], inputs.shape[2]))
 
-        def project(dense, values):
-            return decode_matmul(values, ops.cast(dense.kernel, dense.compute_dtype))
+def build_feed_forward(gating, gating_2, linear, input_shape):
+    gating.build(input_shape)
+    gating_2.build(input_shape)
+    linear.build((None, None, gating.kernel.shape[0]))
 
-        gate = keras.activations.gelu(project(self.gate_dense, rows), approximate=True)
-        output = project(self.down_dense, gate * project(self.up_dense, rows))
-        return ops.expand_dims(output, 1)
 
-    def get_config(self):
-        config = super().get_config()
-        config.update({"intermediate_dim": self.intermediate_dim})
-        return config
+def gated_feed_forward(gating, gating_2, linear, inputs):
+    """`linear(gelu_tanh(gating(x)) * gating_2(x))` for `inputs` [batch, seq, hidden].
+
+    A decode step (one token per row) takes the products through `decode_matmul`, the
+    fastest form per backend and dtype; LoRA is included because `dense.kernel` merges it.
+    """
+    if not is_decode_step(gating, inputs):
+        gate = keras.activations.gelu(gating(inputs), approximate=True)
+        return linear(gate * gating_2(inputs))
+    rows = ops.reshape(inputs, (inputs.shape[0], inputs.shape[2]))
+
+    def project(dense, values):
+        return decode_matmul(values, ops.cast(dense.kernel, dense.compute_dtype))
+
+    gate = keras.activations.gelu(project(gating, rows), approximate=True)
+    output = project(linear, gate * project(gating_2, rows))
+    return ops.expand_dims(output, 1)
