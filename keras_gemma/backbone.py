@@ -195,6 +195,11 @@ class GemmaBackbone(keras.Model):
         self.local_rope_scaling_factor = local_rope_scaling_factor
         self.global_rope_scaling_factor = global_rope_scaling_factor
 
+    @property
+    def layer_norm(self):
+        """The final normalization under KerasHub's attribute name (its layer name is ours)."""
+        return self.final_normalization
+
     def save_to_preset(self, preset_dir):
         """Writes this backbone (config and weights) as a keras_gemma preset directory."""
         from keras_gemma.checkpoints.preset_format import save_preset

@@ -4,20 +4,18 @@ import math
 import warnings
 
 import keras
-import numpy as np
 from keras import ops
 
 from keras_gemma.checkpoints.preset_cards import PresetMapping
 from keras_gemma.generation import get_sampler
 from keras_gemma.generation import serialize_sampler
-from keras_gemma.generation import batches as token_batches
+from keras_gemma.generation.generation_methods import GenerationMethods
 from keras_gemma.generation.generator import Generator
-from keras_gemma.generation.text_stream import TextStream
 from keras_gemma.generation.training_data import preprocess_for_training
 
 
 @keras.saving.register_keras_serializable(package="keras_gemma")
-class GemmaCausalLM(keras.Model):
+class GemmaCausalLM(GenerationMethods, keras.Model):
     """A Gemma language model: next-token logits, fine-tuning and generation.
 
     Calling the model on `{"token_ids", "padding_mask"}` gives logits
@@ -30,6 +28,8 @@ class GemmaCausalLM(keras.Model):
     Args:
         backbone: a `keras_gemma.GemmaBackbone`.
         preprocessor: a `keras_gemma.GemmaCausalLMPreprocessor`, or None to work on token ids.
+        compile: compile with the fine-tuning defaults now (False leaves the model
+            uncompiled; `generate()` still works, with the greedy sampler).
 
     Example:
     ```python
@@ -45,7 +45,11 @@ class GemmaCausalLM(keras.Model):
     ```
     """
 
-    def __init__(self, backbone, preprocessor=None, **kwargs):
+    def __init__(self, backbone, preprocessor=None, compile=True, **kwargs):
+        # keras.Model would accept (and ignore) any keyword; a typo should not pass silently.
+        unknown = sorted(set(kwargs) - {"name", "trainable", "dtype"})
+        if unknown:
+            raise TypeError(f"GemmaCausalLM got unexpected keyword arguments {unknown}.")
         inputs = backbone.input
         hidden = backbone(inputs)
         outputs = backbone.token_embedding(hidden, reverse=True)
@@ -54,7 +58,10 @@ class GemmaCausalLM(keras.Model):
         self.backbone = backbone
         self.preprocessor = preprocessor
         self.generator = Generator(self)
-        self.compile()
+        # generate() needs a sampler even before (or without) compile(), as in KerasHub.
+        self.sampler = get_sampler("greedy")
+        if compile:
+            self.compile()
 
     # Configuration and saving.
 
@@ -156,30 +163,52 @@ class GemmaCausalLM(keras.Model):
 
     presets = PresetMapping()
 
+    # The backbone and preprocessor classes `from_preset` builds (Gemma3CausalLM's differ).
+    backbone_cls = None
+    preprocessor_cls = None
+
     @classmethod
-    def from_preset(cls, preset, dtype=None, sequence_length=None, load_weights=True):
+    def from_preset(cls, preset, dtype=None, sequence_length=None, load_weights=True, **kwargs):
         """A GemmaCausalLM with its backbone, tokenizer and preprocessor from one handle.
 
         `preset` is a name from `keras_gemma.list_presets()`, a local directory (keras_gemma,
         KerasHub or transformers format), a .gguf file, `kaggle://...` or `hf://...`.
+        `dtype` goes to the backbone and `sequence_length` to the preprocessor; other keyword
+        arguments go to the constructor, as in KerasHub: `backbone=` or `preprocessor=`
+        (None for a model on token ids) replace what the preset would load, and
+        `compile=False` leaves the model uncompiled.
 
         Example:
         >>> lm = GemmaCausalLM.from_preset("gemma3_270m", dtype="float32")
         >>> lm.generate("The capital of France is", max_length=16)
+        >>> preprocessor = GemmaCausalLMPreprocessor.from_preset("gemma3_270m", sequence_length=256)
+        >>> lm = GemmaCausalLM.from_preset("gemma3_270m", preprocessor=preprocessor)
         """
-        from keras_gemma.checkpoints.loader import load_backbone, resolve
-        from keras_gemma.preprocessor import GemmaCausalLMPreprocessor
+        from keras_gemma.checkpoints.loader import resolve
 
         resolved = resolve(preset)
-        backbone = load_backbone(resolved, dtype=dtype, load_weights=load_weights)
-        try:
-            preprocessor = GemmaCausalLMPreprocessor.from_preset(
-                resolved, sequence_length=sequence_length
+        if "backbone" not in kwargs:
+            backbone_cls = cls.backbone_cls or _default_class("backbone")
+            kwargs["backbone"] = backbone_cls.from_preset(
+                resolved, dtype=dtype, load_weights=load_weights
             )
-        except FileNotFoundError as error:
-            warnings.warn(f"{error} The model works on token ids only (preprocessor=None).")
-            preprocessor = None
-        return cls(backbone, preprocessor)
+        elif dtype is not None:
+            raise ValueError("from_preset: pass dtype= to the backbone you give, not here.")
+        if "preprocessor" not in kwargs:
+            preprocessor_cls = cls.preprocessor_cls or _default_class("preprocessor")
+            try:
+                kwargs["preprocessor"] = preprocessor_cls.from_preset(
+                    resolved, sequence_length=sequence_length
+                )
+            except FileNotFoundError as error:
+                warnings.warn(f"{error} The model works on token ids only (preprocessor=None).")
+                kwargs["preprocessor"] = None
+        elif sequence_length is not None:
+            raise ValueError(
+                "from_preset: sequence_length= sets the preset's preprocessor; give it to the "
+                "preprocessor you pass instead."
+            )
+        return cls(**kwargs)
 
     def save_to_preset(self, preset_dir):
         """Writes backbone, tokenizer and preprocessor settings as a keras_gemma preset.
@@ -219,6 +248,32 @@ class GemmaCausalLM(keras.Model):
         """Keras' `Model.quantize` (e.g. "int8"); compiled generate functions are rebuilt."""
         super().quantize(mode, **kwargs)
         self.generator.reset()
+
+    def score(
+        self,
+        token_ids,
+        padding_mask=None,
+        scoring_mode="logits",
+        layer_intercept_fn=None,
+        target_ids=None,
+    ):
+        """Per-token logits [batch, tokens, vocabulary] or losses [batch, tokens] of `token_ids`.
+
+        KerasHub's `score`: `scoring_mode="loss"` needs `target_ids` (each position's token
+        to score); `layer_intercept_fn(x, index)` may read or replace the activations (index
+        -1: the embeddings, then each decoder block); see `keras_gemma.scoring.score_tokens`.
+
+        Example:
+        >>> batch = lm.preprocessor.generate_preprocess(["The sky is blue"])
+        >>> ids = batch["token_ids"]
+        >>> losses = lm.score(ids, batch["padding_mask"], scoring_mode="loss",
+        ...                   target_ids=keras.ops.roll(ids, shift=-1, axis=1))
+        """
+        from keras_gemma.scoring import score_tokens
+
+        return score_tokens(
+            self.backbone, token_ids, padding_mask, scoring_mode, layer_intercept_fn, target_ids
+        )
 
     # The cached forward pass.
 
@@ -271,130 +326,13 @@ class GemmaCausalLM(keras.Model):
             updated.append(cache)
         return backbone.final_normalization(x), updated
 
-    # Generation.
 
-    def _stop_token_ids(self, stop_token_ids):
-        if isinstance(stop_token_ids, str) and stop_token_ids == "auto":
-            if self.preprocessor is None:
-                raise ValueError(
-                    'stop_token_ids="auto" needs a preprocessor (it stops at the tokenizer\'s '
-                    "<eos> and <end_of_turn>). Without one, pass stop_token_ids=None to "
-                    "generate until max_length, or a tuple of token ids."
-                )
-            tokenizer = self.preprocessor.tokenizer
-            # Instruction-tuned Gemma ends its turn with <end_of_turn> rather than <eos>; a
-            # vocabulary that has the piece gets both (as KerasHub's Gemma 3 does).
-            ids = [tokenizer.end_token_id, getattr(tokenizer, "end_of_turn_id", None)]
-            return tuple(int(i) for i in ids if i is not None)
-        if stop_token_ids is None:
-            return ()
-        return tuple(sorted({int(i) for i in stop_token_ids}))
+def _default_class(kind):
+    # Imported late: the backbone and preprocessor modules import the preset loader.
+    if kind == "backbone":
+        from keras_gemma.backbone import GemmaBackbone
 
-    def _pad_token_id(self):
-        if self.preprocessor is not None:
-            return int(self.preprocessor.tokenizer.pad_token_id)
-        return 0
+        return GemmaBackbone
+    from keras_gemma.preprocessor import GemmaCausalLMPreprocessor
 
-    def generate(self, inputs, max_length=None, stop_token_ids="auto", strip_prompt=False):
-        """Continues each prompt until a stop token or `max_length` tokens.
-
-        Args:
-            inputs: with a preprocessor, a string, a list of strings or a `tf.data.Dataset`
-                of strings (generated batch by batch). Without one (or to skip it), a dict
-                `{"token_ids", "padding_mask"}` of arrays as wide as the output, where the
-                padding mask marks each row's prompt (without a preprocessor, also a
-                dataset of such dicts).
-            max_length: total length, prompt included (default: the preprocessor's
-                `sequence_length`; without a preprocessor, the width of the arrays).
-            stop_token_ids: "auto" (`<eos>`, and `<end_of_turn>` where the vocabulary has
-                it), None (never stop early), or a sequence of ids. Each row stops on its own.
-            strip_prompt: return only the generated continuation.
-
-        Returns:
-            Strings in the shape of `inputs` with a preprocessor; otherwise a dict with the
-            same keys and shape, the padding mask extended over the generated tokens.
-        """
-        stop_ids = self._stop_token_ids(stop_token_ids)
-        batches, single, is_dataset = self._generate_batches(inputs, max_length)
-        outputs = [self._generate_batch(batch, stop_ids, strip_prompt) for batch in batches]
-        if self.preprocessor is not None and not isinstance(inputs, dict):
-            texts = [self.preprocessor.generate_postprocess(o) for o in outputs]
-            texts = [[t] if isinstance(t, str) else list(t) for t in texts]
-            flat = [t for group in texts for t in group]
-            return flat[0] if single else flat
-        if is_dataset:
-            return {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
-        return outputs[0]
-
-    def _generate_batches(self, inputs, max_length):
-        """The input as a list (or iterator) of `{"token_ids", "padding_mask"}` numpy dicts."""
-        is_dataset = hasattr(inputs, "as_numpy_iterator")  # a tf.data.Dataset
-        batches = inputs.as_numpy_iterator() if is_dataset else [inputs]
-        single = False
-        if self.preprocessor is None or isinstance(inputs, dict):
-            # Token ids in, token ids out (also with a preprocessor attached).
-            packed = [token_batches.as_token_batch(b, max_length) for b in batches]
-            return packed, False, is_dataset
-        if isinstance(inputs, (str, bytes)):
-            single = True
-            batches = [[inputs]]
-        packed = []
-        for batch in batches:
-            if isinstance(batch, np.ndarray) and batch.dtype.kind in "SO":
-                batch = [b.decode("utf-8") if isinstance(b, bytes) else b for b in batch.tolist()]
-            packed.append(
-                token_batches.as_token_batch(
-                    self.preprocessor.generate_preprocess(batch, sequence_length=max_length), None
-                )
-            )
-        return packed, single, is_dataset
-
-    def _generate_batch(self, batch, stop_ids, strip_prompt):
-        prompt_mask = batch["padding_mask"].astype(bool)
-        token_ids, padding_mask = self.generator.generate(
-            batch["token_ids"],
-            prompt_mask,
-            sampler=self.sampler,
-            stop_token_ids=stop_ids,
-            pad_token_id=self._pad_token_id(),
-        )
-        if strip_prompt:
-            token_ids, padding_mask = token_batches.strip_prompt(
-                token_ids, padding_mask, prompt_mask
-            )
-        return {"token_ids": token_ids, "padding_mask": padding_mask}
-
-    def stream(self, prompt, max_length=None, stop_token_ids="auto"):
-        """Yields the continuation of one prompt as text pieces while tokens are produced.
-
-        Pieces are cut at character boundaries: a character split over several byte tokens
-        comes out whole once its last byte arrives. Joined, the pieces are the text that
-        `generate(prompt, strip_prompt=True)` returns (with the same greedy sampler).
-
-        Example:
-        >>> for piece in lm.stream("The three laws of robotics are", max_length=64):
-        ...     print(piece, end="", flush=True)
-        """
-        if self.preprocessor is None:
-            raise ValueError("stream() needs a preprocessor to turn tokens into text.")
-        if not isinstance(prompt, str):
-            raise TypeError(f"stream() takes one prompt string; got {type(prompt).__name__}.")
-        stop_ids = self._stop_token_ids(stop_token_ids)
-        batch = token_batches.as_token_batch(
-            self.preprocessor.generate_preprocess([prompt], sequence_length=max_length), None
-        )
-        text = TextStream(self.preprocessor.tokenizer)
-        for token in self.generator.stream(
-            batch["token_ids"],
-            batch["padding_mask"].astype(bool),
-            sampler=self.sampler,
-            stop_token_ids=stop_ids,
-            pad_token_id=self._pad_token_id(),
-        ):
-            piece = text.add(token)
-            if piece:
-                yield piece
-        piece = text.flush()
-        if piece:
-            yield piece
-
+    return GemmaCausalLMPreprocessor

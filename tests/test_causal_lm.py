@@ -293,3 +293,79 @@ def test_a_16_bit_model_keeps_16_bit_caches(dtype):
     assert keras.backend.standardize_dtype(cache.dtype) == "bfloat16"
     caches = lm.generator._empty_caches(2, 8)
     assert {keras.backend.standardize_dtype(c.dtype) for c in caches} == {"bfloat16"}
+
+
+@pytest.fixture(scope="module")
+def keras_hub_preset(sentencepiece_proto, tmp_path_factory):
+    """A tiny KerasHub GemmaCausalLM and the preset directory it saved itself."""
+    from keras_hub_models import keras_hub_causal_lm
+
+    reference = keras_hub_causal_lm("gemma", sentencepiece_proto)
+    directory = str(tmp_path_factory.mktemp("keras_hub_preset"))
+    reference.save_to_preset(directory)
+    return reference, directory
+
+
+def test_from_preset_takes_a_preprocessor_as_keras_hub_does(keras_hub_preset):
+    import keras_hub
+
+    from keras_gemma import GemmaCausalLMPreprocessor
+
+    reference, preset = keras_hub_preset
+    preprocessor = GemmaCausalLMPreprocessor.from_preset(preset, sequence_length=32)
+    ours = GemmaCausalLM.from_preset(preset, preprocessor=preprocessor)
+    assert ours.preprocessor is preprocessor
+    theirs = keras_hub.models.GemmaCausalLM.from_preset(
+        preset, preprocessor=keras_hub.models.GemmaCausalLMPreprocessor.from_preset(
+            preset, sequence_length=32
+        )
+    )
+    prompts = ["The quick brown fox", "hello"]
+    # max_length defaults to the preprocessor's sequence_length (32) on both.
+    assert ours.generate(prompts, stop_token_ids=None) == list(
+        theirs.generate(prompts, stop_token_ids=None)
+    )
+    assert ours.count_params() == theirs.count_params()
+
+
+def test_from_preset_without_preprocessor_generates_on_token_ids(keras_hub_preset):
+    import keras_hub
+
+    reference, preset = keras_hub_preset
+    ours = GemmaCausalLM.from_preset(preset, preprocessor=None)
+    theirs = keras_hub.models.GemmaCausalLM.from_preset(preset, preprocessor=None)
+    assert ours.preprocessor is None and theirs.preprocessor is None
+    token_ids = np.array([[2, 651, 4320, 0, 0, 0, 0, 0]] * 2, dtype="int32")
+    padding_mask = np.array([[1, 1, 1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0, 0]], dtype="int32")
+    token_ids = token_ids % 1000
+    inputs = {"token_ids": token_ids, "padding_mask": padding_mask}
+    expected = theirs.generate(inputs, stop_token_ids=None)
+    actual = ours.generate(inputs, stop_token_ids=None)
+    np.testing.assert_array_equal(to_numpy(actual["token_ids"]), to_numpy(expected["token_ids"]))
+    np.testing.assert_array_equal(
+        to_numpy(actual["padding_mask"]).astype(bool), to_numpy(expected["padding_mask"]).astype(bool)
+    )
+
+
+def test_compile_false_leaves_the_model_uncompiled_as_keras_hub_does(keras_hub_preset):
+    import keras_hub
+
+    reference, preset = keras_hub_preset
+    theirs = keras_hub.models.GemmaCausalLM(reference.backbone, reference.preprocessor, compile=False)
+    ours = GemmaCausalLM.from_preset(preset, compile=False)
+    assert not theirs.compiled and not ours.compiled
+    assert ours.generate("hello", max_length=8)  # generate works uncompiled (greedy)
+    ours.compile(sampler="top_k")
+    assert ours.compiled and type(ours.sampler).__name__ == "TopKSampler"
+    assert GemmaCausalLM(ours.backbone, ours.preprocessor).compiled
+
+
+def test_from_preset_refuses_arguments_it_would_ignore(keras_hub_preset):
+    _, preset = keras_hub_preset
+    backbone = GemmaBackbone.from_preset(preset)
+    with pytest.raises(ValueError, match="pass dtype= to the backbone"):
+        GemmaCausalLM.from_preset(preset, backbone=backbone, dtype="bfloat16")
+    with pytest.raises(ValueError, match="sequence_length= sets the preset's preprocessor"):
+        GemmaCausalLM.from_preset(preset, preprocessor=None, sequence_length=16)
+    with pytest.raises(TypeError):
+        GemmaCausalLM.from_preset(preset, no_such_argument=1)

@@ -6,22 +6,10 @@ import pytest
 
 from keras_gemma import GemmaBackbone
 
-TINY = dict(
-    vocabulary_size=1000,
-    num_layers=3,
-    num_query_heads=4,
-    num_key_value_heads=2,
-    hidden_dim=32,
-    intermediate_dim=64,
-    head_dim=12,
-)
-
-
-def _randomize(model, seed=0):
-    rng = np.random.default_rng(seed)
-    for variable in model.weights:
-        std = 0.3 if "norm" in variable.path else 0.15
-        variable.assign(rng.normal(0, std, variable.shape).astype(variable.dtype))
+from keras_hub_models import TINY
+from keras_hub_models import keras_hub_causal_lm
+from keras_hub_models import keras_hub_backbone as _keras_hub_backbone
+from keras_hub_models import randomize as _randomize
 
 
 def _inputs():
@@ -34,38 +22,6 @@ def _inputs():
 
 def _numpy(x):
     return np.asarray(keras.ops.convert_to_numpy(keras.ops.cast(x, "float32")))
-
-
-def _keras_hub_backbone(generation):
-    import keras_hub
-
-    if generation == "gemma":
-        return keras_hub.models.GemmaBackbone(**TINY, dtype="float32")
-    if generation == "gemma2":
-        return keras_hub.models.GemmaBackbone(
-            **TINY,
-            use_post_ffw_norm=True,
-            use_post_attention_norm=True,
-            attention_logit_soft_cap=4.0,
-            final_logit_soft_cap=3.0,
-            use_sliding_window_attention=True,
-            sliding_window_size=4,
-            dtype="float32",
-        )
-    # KerasHub's Gemma 3 counts intermediate_dim as the FFN width; 7 layers cover one
-    # global layer (the 6th) and a local one after it.
-    arguments = {**TINY, "intermediate_dim": 32, "num_layers": 7}
-    return keras_hub.models.Gemma3Backbone(
-        **arguments,
-        image_size=16,
-        vision_encoder=None,
-        use_query_key_norm=True,
-        use_post_ffw_norm=True,
-        use_post_attention_norm=True,
-        use_sliding_window_attention=True,
-        sliding_window_size=4,
-        dtype="float32",
-    )
 
 
 @pytest.mark.parametrize("generation", ["gemma", "gemma2", "gemma3"])
@@ -124,31 +80,13 @@ def test_foreign_class_is_refused_and_never_imported(tmp_path):
     assert "evil_module_that_must_not_be_imported" not in sys.modules
 
 
-def _keras_hub_causal_lm(generation, proto):
-    import keras_hub
-
-    backbone = _keras_hub_backbone(generation)
-    if generation == "gemma3":
-        tokenizer = keras_hub.models.Gemma3Tokenizer(proto=proto, has_vision_tokens=False)
-        preprocessor = keras_hub.models.Gemma3CausalLMPreprocessor(
-            tokenizer=tokenizer, sequence_length=24
-        )
-        return keras_hub.models.Gemma3CausalLM(backbone=backbone, preprocessor=preprocessor)
-    tokenizer = keras_hub.models.GemmaTokenizer(proto=proto)
-    preprocessor = keras_hub.models.GemmaCausalLMPreprocessor(
-        tokenizer=tokenizer, sequence_length=24
-    )
-    return keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=preprocessor)
-
-
 @pytest.mark.parametrize("generation", ["gemma", "gemma3"])
 def test_keras_hub_causal_lm_preset_gives_same_logits_and_greedy_text(
     generation, sentencepiece_proto, tmp_path
 ):
     from keras_gemma import GemmaCausalLM
 
-    reference = _keras_hub_causal_lm(generation, sentencepiece_proto)
-    _randomize(reference.backbone, seed=1)
+    reference = keras_hub_causal_lm(generation, sentencepiece_proto)
     reference.compile(sampler="greedy")
     reference.save_to_preset(str(tmp_path))
 
