@@ -1,7 +1,9 @@
 """GemmaCausalLMPreprocessor: strings -> packed ids, masks and next-token labels, and back.
 
 Like the tokenizer it wraps, it runs eagerly on Python / numpy data on every Keras backend
-(outputs are numpy) and inside tf.data / tf.function graphs (outputs are tf tensors).
+and inside tf.data / tf.function graphs. Eager outputs are tensors of the Keras backend, as
+KerasHub's are, so that they mix with `keras.ops` and model calls; in a graph they are tf
+tensors.
 """
 
 import warnings
@@ -10,9 +12,10 @@ import keras
 import numpy as np
 
 from keras_gemma.checkpoints.preset_cards import PresetMapping
+from keras_gemma.text_inputs import in_tf_graph as _in_tf_graph
+from keras_gemma.text_inputs import to_backend
+from keras_gemma.text_inputs import to_python as _to_python
 from keras_gemma.tokenizer import GemmaTokenizer
-from keras_gemma.tokenizer import _in_tf_graph
-from keras_gemma.tokenizer import _to_python
 
 
 def _check_sequence_length(value):
@@ -33,9 +36,10 @@ class GemmaCausalLMPreprocessor(keras.layers.Layer):
     Calling the layer on strings gives `(x, y, sample_weight)` for `fit()`: each string becomes
     `<bos> + ids + <eos>`, is truncated (the end token is kept) and padded to
     `sequence_length + 1`, and then `x = {"token_ids": ids[:-1], "padding_mask": mask[:-1]}`,
-    `y = ids[1:]`, `sample_weight = mask[1:]`. `generate_preprocess()` packs prompts for
-    generation (a start token, no end token); `generate_postprocess()` turns generated ids back
-    into strings without pad, bos, eos or chat turn markers.
+    `y = ids[1:]`, `sample_weight = mask[1:]`, each a tensor of the Keras backend (int32 ids,
+    bool masks). `generate_preprocess()` packs prompts for generation (a start token, no end
+    token); `generate_postprocess()` turns generated ids (numpy or tensors) back into strings
+    without padding, `<bos>` and `<eos>`; chat turn markers stay, as in KerasHub.
 
     Args:
         tokenizer: a `keras_gemma.GemmaTokenizer` (without its own `sequence_length`).
@@ -48,9 +52,11 @@ class GemmaCausalLMPreprocessor(keras.layers.Layer):
     preprocessor = keras_gemma.GemmaCausalLMPreprocessor(tokenizer, sequence_length=8)
     x, y, sample_weight = preprocessor(["The quick brown fox.", "Hi"])
     x["token_ids"].shape                                   # (2, 8)
+    logits = lm({"token_ids": x["token_ids"], "padding_mask": keras.ops.ones_like(x["token_ids"])})
     ds = tf.data.Dataset.from_tensor_slices(texts).batch(4).map(preprocessor)
     prompt = preprocessor.generate_preprocess(["Say hi:"])  # <bos> + ids, no <eos>
     preprocessor.generate_postprocess(prompt)               # ["Say hi:"]
+    preprocessor.save_to_preset("./my_gemma")              # its settings and tokenizer
     ```
     """
 
@@ -66,6 +72,8 @@ class GemmaCausalLMPreprocessor(keras.layers.Layer):
         from keras_gemma.checkpoints.loader import preset_metadata, resolve
 
         resolved = resolve(preset)
+        # The packing length is the preprocessor's own; a tokenizer saved with one gets none.
+        tokenizer = GemmaTokenizer.from_preset(resolved, sequence_length=None)
         settings = dict(preset_metadata(resolved).get("preprocessor") or {})
         settings.pop("tokenizer", None)
         settings = {
@@ -76,7 +84,19 @@ class GemmaCausalLMPreprocessor(keras.layers.Layer):
         if sequence_length is not None:
             settings["sequence_length"] = sequence_length
         settings.update(kwargs)
-        return cls(GemmaTokenizer.from_preset(resolved), **settings)
+        return cls(tokenizer, **settings)
+
+    def save_to_preset(self, preset_dir):
+        """Writes these settings and the tokenizer into a preset directory, keeping the rest
+        of what is there (a backbone saved before or after).
+
+        Example:
+        >>> preprocessor.save_to_preset("./my_gemma")
+        >>> GemmaCausalLMPreprocessor.from_preset("./my_gemma").sequence_length
+        """
+        from keras_gemma.checkpoints.preset_parts import save_preprocessor
+
+        return save_preprocessor(preset_dir, self)
 
     def __init__(
         self,
@@ -125,16 +145,24 @@ class GemmaCausalLMPreprocessor(keras.layers.Layer):
         # One extra position, because the inputs and the labels are the same ids shifted by one.
         ids, mask = self._pack(x, length + 1, self.add_start_token, self.add_end_token)
         x = {"token_ids": ids[..., :-1], "padding_mask": mask[..., :-1]}
-        return keras.utils.pack_x_y_sample_weight(x, ids[..., 1:], mask[..., 1:])
+        return self._outputs(keras.utils.pack_x_y_sample_weight(x, ids[..., 1:], mask[..., 1:]))
 
     def generate_preprocess(self, x, sequence_length=None):
         """Strings -> `{"token_ids", "padding_mask"}` for generation: `<bos>`, no `<eos>`."""
         # No end token: generation continues from the end of the prompt.
         ids, mask = self._pack(x, self._length(sequence_length), self.add_start_token, False)
-        return {"token_ids": ids, "padding_mask": mask}
+        return self._outputs({"token_ids": ids, "padding_mask": mask})
+
+    @staticmethod
+    def _outputs(outputs):
+        # Graphs already hold tf tensors; eager numpy becomes the backend's tensors.
+        if _in_tf_graph():
+            return outputs
+        return keras.tree.map_structure(to_backend, outputs)
 
     def generate_postprocess(self, x):
-        """`{"token_ids", "padding_mask"}` -> strings, with padding and special tokens removed."""
+        """`{"token_ids", "padding_mask"}` (numpy, lists or tensors) -> strings, without the
+        positions the mask hides and without padding, `<bos>` and `<eos>`."""
         if not isinstance(x, dict) or "token_ids" not in x or "padding_mask" not in x:
             raise TypeError(
                 "GemmaCausalLMPreprocessor.generate_postprocess expects a dict with 'token_ids' "

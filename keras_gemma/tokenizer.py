@@ -2,7 +2,8 @@
 
 Two engines run the same model file and give the same ids:
 - eagerly, the `sentencepiece` package, whatever the input (tf, jax or torch tensors are first
-  read into numpy), so outputs are numpy / Python on every backend and TensorFlow is not needed;
+  read into numpy), so outputs are numpy / Python on every backend and TensorFlow is not needed
+  (as KerasHub's tokenizers: a numpy array for one string, lists of ids for a batch);
 - inside tf.data / tf.function graphs, `tensorflow_text` (outputs are tf tensors, ragged for a
   batch unless `sequence_length` is set).
 TensorFlow is never imported by this module: if it was not imported already, no graph can be
@@ -11,7 +12,6 @@ tracing us.
 
 import base64
 import os
-import sys
 
 import keras
 import numpy as np
@@ -19,34 +19,14 @@ import sentencepiece as spm
 
 from keras_gemma.chat_template import chat_turns
 from keras_gemma.checkpoints.preset_cards import PresetMapping
+from keras_gemma.text_inputs import as_strings as _as_strings
+from keras_gemma.text_inputs import in_tf_graph as _in_tf_graph
+from keras_gemma.text_inputs import is_int as _is_int
+from keras_gemma.text_inputs import is_tf_tensor as _is_tf_tensor
+from keras_gemma.text_inputs import tf_module as _tf_module
+from keras_gemma.text_inputs import to_python as _to_python
 
 TOKENIZER_FILENAME = "tokenizer.model"
-
-def _tf_module():
-    """TensorFlow, imported on first need (it takes seconds and may be absent)."""
-    import tensorflow as tf
-
-    return tf
-
-
-def _in_tf_graph():
-    # If TensorFlow was never imported, no tf.function or tf.data graph can be tracing us.
-    tf = sys.modules.get("tensorflow")
-    return hasattr(tf, "executing_eagerly") and not tf.executing_eagerly()
-
-
-def _is_tf_tensor(x):
-    tf = sys.modules.get("tensorflow")
-    return hasattr(tf, "RaggedTensor") and isinstance(x, (tf.Tensor, tf.RaggedTensor))
-
-
-def _to_python(x):
-    """Eager tensors of any framework as numpy arrays (or nested lists for tf ragged)."""
-    if _is_tf_tensor(x):
-        return x.to_list() if hasattr(x, "to_list") else x.numpy()
-    if keras.ops.is_tensor(x):
-        return keras.ops.convert_to_numpy(x)
-    return x
 
 
 def _special_id(piece, doc):
@@ -96,12 +76,18 @@ class GemmaTokenizer(keras.layers.Layer):
     def from_preset(cls, preset, **kwargs):
         """The tokenizer of a preset name, preset directory, .gguf file or hub handle.
 
+        A directory that `save_to_preset` wrote holds a tokenizer alone; its saved
+        `sequence_length` applies unless `kwargs` give another.
+
         Example:
         >>> tokenizer = GemmaTokenizer.from_preset("gemma_2b_en")
         """
-        from keras_gemma.checkpoints.loader import tokenizer_proto
+        from keras_gemma.checkpoints.loader import resolve, tokenizer_proto
+        from keras_gemma.checkpoints.preset_parts import saved_tokenizer_config
 
-        return cls(proto=tokenizer_proto(preset), **kwargs)
+        resolved = resolve(preset)
+        config = {**saved_tokenizer_config(resolved), **kwargs}
+        return cls(proto=tokenizer_proto(resolved), **config)
 
     def __init__(self, proto=None, sequence_length=None, **kwargs):
         super().__init__(**kwargs)
@@ -185,10 +171,13 @@ class GemmaTokenizer(keras.layers.Layer):
 
     @property
     def special_token_ids(self):
-        """Ids that generation output drops: pad, bos, eos and the chat turn markers."""
-        ids = [self.pad_token_id, self.start_token_id, self.end_token_id]
-        ids += [i for i in (self.start_of_turn_id, self.end_of_turn_id) if i is not None]
-        return ids
+        """Ids that generation output drops, in increasing order: pad, eos and bos.
+
+        The chat turn markers are not among them: KerasHub's Gemma tokenizers keep them in the
+        output, where chat code (`response.replace(prompt, "")`, multi-turn transcripts) needs
+        them.
+        """
+        return sorted({self.pad_token_id, self.start_token_id, self.end_token_id})
 
     # Tokenize / detokenize.
 
@@ -327,6 +316,19 @@ class GemmaTokenizer(keras.layers.Layer):
 
     # Saving.
 
+    def save_to_preset(self, preset_dir):
+        """Writes `tokenizer.model` and its settings into a preset directory, keeping what else
+        is there: save the backbone and the tokenizer into one directory, in either order.
+
+        Example:
+        >>> backbone.save_to_preset("./my_gemma")
+        >>> tokenizer.save_to_preset("./my_gemma")
+        >>> keras_gemma.GemmaCausalLM.from_preset("./my_gemma")
+        """
+        from keras_gemma.checkpoints.preset_parts import save_tokenizer
+
+        return save_tokenizer(preset_dir, self)
+
     def save_assets(self, dir_path):
         """Write the model file as `tokenizer.model` in `dir_path`; return its path."""
         path = os.path.join(dir_path, TOKENIZER_FILENAME)
@@ -360,34 +362,3 @@ class GemmaTokenizer(keras.layers.Layer):
         if encoded is not None:
             config["proto"] = base64.b64decode(encoded)
         return cls(**config)
-
-
-def _is_int(v):
-    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
-
-
-def _as_str(x):
-    if isinstance(x, bytes):
-        try:
-            return x.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"GemmaTokenizer.tokenize: bytes are not valid UTF-8 ({e}).") from None
-    if isinstance(x, str):
-        return x
-    raise TypeError(
-        "GemmaTokenizer.tokenize expects a string or a 1-D batch of strings. "
-        f"Received: {type(x).__name__} ({x!r:.60})."
-    )
-
-
-def _as_strings(inputs):
-    """(list of str, whether the input was a single string) for the eager engine."""
-    if isinstance(inputs, np.ndarray):
-        if inputs.dtype.kind not in "USO":
-            raise TypeError(
-                f"GemmaTokenizer.tokenize expects strings. Received a numpy array of {inputs.dtype}"
-            )
-        inputs = inputs.tolist()
-    if isinstance(inputs, (list, tuple)):
-        return [_as_str(x) for x in inputs], False
-    return [_as_str(inputs)], True

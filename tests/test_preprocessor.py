@@ -6,6 +6,7 @@ import warnings
 import keras
 import numpy as np
 import pytest
+from conftest import to_numpy
 from tokenizer_corpus import CORPUS
 
 from keras_gemma.preprocessor import GemmaCausalLMPreprocessor
@@ -24,6 +25,11 @@ def preprocessor(tokenizer):
     return GemmaCausalLMPreprocessor(tokenizer, sequence_length=12)
 
 
+def _numpy(outputs):
+    """The preprocessor's outputs (backend tensors) as numpy arrays, in the same structure."""
+    return keras.tree.map_structure(to_numpy, outputs)
+
+
 def _expected_packed(tokenizer, text, length, start=True, end=True):
     """The packed row written out by hand: [bos] + ids (truncated) + [eos], then padding."""
     ids = tokenizer(text).tolist()
@@ -34,7 +40,7 @@ def _expected_packed(tokenizer, text, length, start=True, end=True):
 
 def test_training_outputs_are_the_shifted_sequence(tokenizer, preprocessor):
     texts = ["hello world", "", "The quick brown fox jumps over the lazy dog.", "a"]
-    x, y, sample_weight = preprocessor(texts)
+    x, y, sample_weight = _numpy(preprocessor(texts))
     assert set(x) == {"token_ids", "padding_mask"}
     assert x["token_ids"].dtype == np.int32 and x["token_ids"].shape == (4, 12)
     assert x["padding_mask"].dtype == bool and y.shape == sample_weight.shape == (4, 12)
@@ -53,32 +59,32 @@ def test_training_outputs_are_the_shifted_sequence(tokenizer, preprocessor):
 
 def test_single_string_and_flags(tokenizer):
     pre = GemmaCausalLMPreprocessor(tokenizer, sequence_length=6, add_end_token=False)
-    x, y, sample_weight = pre("hello world")
+    x, y, sample_weight = _numpy(pre("hello world"))
     row, mask = _expected_packed(tokenizer, "hello world", 7, end=False)
     assert x["token_ids"].tolist() == row[:-1] and y.tolist() == row[1:]
     assert EOS not in x["token_ids"].tolist() + y.tolist()
     pre = GemmaCausalLMPreprocessor(tokenizer, sequence_length=6, add_start_token=False)
-    x, _, _ = pre(["a"])
+    x, _, _ = _numpy(pre(["a"]))
     assert x["token_ids"][0].tolist() == _expected_packed(tokenizer, "a", 7, start=False)[0][:-1]
     # A per-call sequence_length.
-    x, y, _ = pre(["a", "bb"], sequence_length=3)
+    x, y, _ = _numpy(pre(["a", "bb"], sequence_length=3))
     assert x["token_ids"].shape == y.shape == (2, 3)
 
 
 def test_generate_preprocess_has_no_end_token(tokenizer, preprocessor):
     texts = ["hello world", "", "The quick brown fox jumps over the lazy dog."]
-    out = preprocessor.generate_preprocess(texts)
+    out = _numpy(preprocessor.generate_preprocess(texts))
     assert out["token_ids"].shape == (3, 12) and out["padding_mask"].dtype == bool
     assert not (out["token_ids"] == EOS).any()
     for i, text in enumerate(texts):
         row, mask = _expected_packed(tokenizer, text, 12, end=False)
         assert out["token_ids"][i].tolist() == row
         assert out["padding_mask"][i].tolist() == mask
-    one = preprocessor.generate_preprocess("hello", sequence_length=4)
+    one = _numpy(preprocessor.generate_preprocess("hello", sequence_length=4))
     assert one["token_ids"].tolist() == _expected_packed(tokenizer, "hello", 4, end=False)[0]
 
 
-def test_generate_postprocess_strips_special_tokens(tokenizer, preprocessor):
+def test_generate_postprocess_strips_padding_bos_and_eos_only(tokenizer, preprocessor):
     hello = tokenizer("hello").tolist()
     token_ids = np.array(
         [
@@ -91,15 +97,20 @@ def test_generate_postprocess_strips_special_tokens(tokenizer, preprocessor):
     padding_mask = token_ids != PAD
     padding_mask[1, -len(hello) - 1 :] = False
     out = preprocessor.generate_postprocess({"token_ids": token_ids, "padding_mask": padding_mask})
-    assert out == ["hello", "hello"]
-    # Backend tensors (what a model returns) work as well, and a single row gives a str.
+    # The chat turn markers stay, as KerasHub keeps them (tests/test_keras_hub_usage_preprocessing
+    # compares with KerasHub itself).
+    expected = ["hello<start_of_turn><end_of_turn>", "<start_of_turn>hello<end_of_turn>"]
+    assert out == expected
+    # Backend tensors (what a model returns) and lists work as well; a single row gives a str.
     tensors = {
         "token_ids": keras.ops.convert_to_tensor(token_ids),
         "padding_mask": keras.ops.convert_to_tensor(padding_mask),
     }
-    assert preprocessor.generate_postprocess(tensors) == ["hello", "hello"]
+    assert preprocessor.generate_postprocess(tensors) == expected
+    lists = {"token_ids": token_ids.tolist(), "padding_mask": padding_mask.tolist()}
+    assert preprocessor.generate_postprocess(lists) == expected
     row = {"token_ids": token_ids[0], "padding_mask": padding_mask[0]}
-    assert preprocessor.generate_postprocess(row) == "hello"
+    assert preprocessor.generate_postprocess(row) == expected[0]
 
 
 def test_round_trip_through_generation_formats(preprocessor):
@@ -111,10 +122,11 @@ def test_round_trip_through_generation_formats(preprocessor):
 def test_chat_prompt(tokenizer, preprocessor):
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}])
     packed = preprocessor.generate_preprocess([prompt], sequence_length=32)
-    ids = packed["token_ids"][0].tolist()
+    ids = to_numpy(packed["token_ids"])[0].tolist()
     assert ids[:2] == [BOS, 106] and 107 in ids
-    # The turn markers go; the role names, which are plain text, stay.
-    assert preprocessor.generate_postprocess(packed) == ["user\nHi\nmodel\n"]
+    # Only <bos> and the padding go: the prompt comes back whole, so that chat code can find it
+    # in a reply (`response.replace(prompt, "")`).
+    assert preprocessor.generate_postprocess(packed) == [prompt]
 
 
 def test_matches_keras_hub(sentencepiece_proto, tokenizer):
@@ -123,19 +135,21 @@ def test_matches_keras_hub(sentencepiece_proto, tokenizer):
         keras_hub.models.GemmaTokenizer(proto=sentencepiece_proto), sequence_length=16
     )
     ours = GemmaCausalLMPreprocessor(tokenizer, sequence_length=16)
-    (x, y, w), (rx, ry, rw) = ours(CORPUS), reference(CORPUS)
-    for a, b in [(x["token_ids"], rx["token_ids"]), (x["padding_mask"], rx["padding_mask"])]:
-        assert np.array_equal(a, np.asarray(b))
-    assert np.array_equal(y, np.asarray(ry)) and np.array_equal(w, np.asarray(rw))
-    gen, rgen = ours.generate_preprocess(CORPUS), reference.generate_preprocess(CORPUS)
-    assert np.array_equal(gen["token_ids"], np.asarray(rgen["token_ids"]))
-    assert np.array_equal(gen["padding_mask"], np.asarray(rgen["padding_mask"]))
+    for texts in (CORPUS, CORPUS[5], CORPUS[:1]):
+        for method in ("__call__", "generate_preprocess"):
+            out, expected = getattr(ours, method)(texts), getattr(reference, method)(texts)
+            flat, flat_expected = keras.tree.flatten(out), keras.tree.flatten(expected)
+            assert len(flat) == len(flat_expected) == (4 if method == "__call__" else 2)
+            for a, b in zip(flat, flat_expected):
+                # The same kind of tensor (the backend's), dtype, shape and values.
+                assert type(a) is type(b) and str(a.dtype) == str(b.dtype)
+                assert np.array_equal(to_numpy(a), to_numpy(b))
 
 
 def test_tf_data_matches_eager(preprocessor):
     tf = pytest.importorskip("tensorflow")
     pytest.importorskip("tensorflow_text")
-    x, y, w = preprocessor(CORPUS)
+    x, y, w = _numpy(preprocessor(CORPUS))
     ds = tf.data.Dataset.from_tensor_slices(CORPUS).batch(64).map(preprocessor)
     batches = list(ds)
     assert isinstance(batches[0][0]["token_ids"], tf.Tensor)
@@ -207,6 +221,6 @@ def test_config_round_trip(preprocessor):
         False,
     )
     for a, b in zip(keras.tree.flatten(restored(CORPUS)), keras.tree.flatten(pre(CORPUS))):
-        assert np.array_equal(a, b)
+        assert np.array_equal(to_numpy(a), to_numpy(b))
     again = GemmaCausalLMPreprocessor.from_config(preprocessor.get_config())
-    assert np.array_equal(again(CORPUS)[1], preprocessor(CORPUS)[1])
+    assert np.array_equal(to_numpy(again(CORPUS)[1]), to_numpy(preprocessor(CORPUS)[1]))

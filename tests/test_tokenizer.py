@@ -52,7 +52,8 @@ def test_special_ids_and_vocabulary(tokenizer):
     assert (tokenizer.start_token_id, tokenizer.unk_token_id) == (2, 3)
     assert tokenizer.start_of_turn_id == START_OF_TURN_ID == 106
     assert tokenizer.end_of_turn_id == END_OF_TURN_ID == 107
-    assert tokenizer.special_token_ids == [0, 2, 1, 106, 107]
+    # What generate_postprocess strips: padding, <eos>, <bos>; the turn markers stay.
+    assert tokenizer.special_token_ids == [0, 1, 2]
     vocab = tokenizer.get_vocabulary()
     assert len(vocab) == VOCAB_SIZE and vocab[:4] == ["<pad>", "<eos>", "<bos>", "<unk>"]
     for i in (0, 2, 106, 500, VOCAB_SIZE - 1):
@@ -110,6 +111,19 @@ def test_ids_match_keras_hub(sentencepiece_proto, tokenizer):
     assert tokenizer(CORPUS) == [np.asarray(reference(s)).tolist() for s in CORPUS]
     ids = tokenizer(CORPUS)
     assert [reference.detokenize(row) for row in ids] == tokenizer.detokenize(ids)
+    assert tokenizer.special_token_ids == reference.special_token_ids
+    # Eager outputs of the same kinds as KerasHub's, on every backend: numpy for one string,
+    # lists of Python ints for a batch, a 2-D numpy array once padded.
+    padded = GemmaTokenizer(proto=sentencepiece_proto, sequence_length=6)
+    padded_reference = keras_hub.models.GemmaTokenizer(proto=sentencepiece_proto, sequence_length=6)
+    for ours, theirs in [(tokenizer, reference), (padded, padded_reference)]:
+        for texts in ("hello world", ["hello world", "", "a"], np.array(["a", "bc"])):
+            out, expected = ours(texts), theirs(texts)
+            assert type(out) is type(expected)
+            if isinstance(expected, np.ndarray):
+                assert out.dtype == expected.dtype and np.array_equal(out, expected)
+            else:
+                assert out == expected and type(out[0][0]) is type(expected[0][0])
 
 
 def _transformers_tokenizer(model_path):
@@ -295,7 +309,7 @@ def test_chat_template_needs_chat_pieces(tmp_path):
                      eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>")
     )
     assert plain.start_of_turn_id is None and plain.end_of_turn_id is None
-    assert plain.special_token_ids == [0, 2, 1]
+    assert plain.special_token_ids == [0, 1, 2]
     with pytest.raises(ValueError, match="no <start_of_turn>"):
         plain.apply_chat_template([{"role": "user", "content": "x"}])
 

@@ -154,6 +154,9 @@ def save_preset(
         if tokenizer_proto is not None:
             with open(os.path.join(staging, TOKENIZER_FILE), "wb") as file:
                 file.write(tokenizer_proto)
+        from keras_gemma.checkpoints.preset_parts import keep_parts
+
+        keep_parts(directory, staging, config)  # a tokenizer saved on its own stays
         with open(os.path.join(staging, CONFIG_FILE), "w") as file:
             json.dump(config, file, indent=2)
         for name in os.listdir(staging):

@@ -1,5 +1,6 @@
 """Applying a causal-LM preprocessor to the data given to `fit`, `evaluate` and `predict`."""
 
+import keras
 import numpy as np
 
 
@@ -51,7 +52,9 @@ def preprocess_for_training(preprocessor, x, y, sample_weight, batch_size):
             x = [x]
         if isinstance(x, np.ndarray):
             x = [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in x.tolist()]
-        packed = preprocessor(list(x))
+        # The preprocessor answers backend tensors (as KerasHub's does); `fit` gets numpy,
+        # which Keras batches on the host whatever the backend and device.
+        packed = keras.tree.map_structure(keras.ops.convert_to_numpy, preprocessor(list(x)))
         features, labels, weights = packed
         return features, labels, weights, batch_size
     return x, y, sample_weight, batch_size
