@@ -23,6 +23,11 @@ class BeamSampler(Sampler):
 
     Args:
         num_beams: beams kept per prompt; 1 is greedy search.
+        return_all_beams: KerasHub's argument. Only False (the best beam) works through
+            `generate()`, which returns one sequence per prompt; True is accepted here and
+            refused by `generate()` with an error, because KerasHub's `generate()` fails on
+            it too (its sampler then returns a (sequences, scores) pair that the rest of
+            `generate()` cannot handle).
         temperature: logits are divided by it before the log-probabilities are taken.
 
     Example:
@@ -32,12 +37,13 @@ class BeamSampler(Sampler):
 
     uses_randomness = False
 
-    def __init__(self, num_beams=5, temperature=1.0, **kwargs):
+    def __init__(self, num_beams=5, return_all_beams=False, temperature=1.0, **kwargs):
         kwargs.pop("seed", None)
         super().__init__(temperature=temperature, **kwargs)
         if num_beams < 1:
             raise ValueError(f"num_beams must be at least 1; got {num_beams}.")
         self.num_beams = int(num_beams)
+        self.return_all_beams = bool(return_all_beams)
 
     def initial_scores(self, batch_size):
         # All beams of a prompt start identical; only the first may be extended at the first
@@ -91,4 +97,8 @@ class BeamSampler(Sampler):
         return ops.take(tokens, chosen, axis=0), ops.take(done, chosen, axis=0)
 
     def get_config(self):
-        return {"num_beams": self.num_beams, "temperature": self.temperature}
+        return {
+            "num_beams": self.num_beams,
+            "return_all_beams": self.return_all_beams,
+            "temperature": self.temperature,
+        }

@@ -8,9 +8,12 @@ from keras_gemma.generation.buckets import length_bucket
 from keras_gemma.generation.buckets import prefill_bucket
 from keras_gemma.generation.layerwise_prefill import LayerwisePrefill
 from keras_gemma.generation.layerwise_step import LayerwiseStep
-from keras_gemma.generation.sampler import is_stop_token
+from keras_gemma.generation.loop_parts import jax_stateless_jit as _jax_stateless_jit
+from keras_gemma.generation.loop_parts import no_grad as _no_grad
+from keras_gemma.generation.loop_parts import output_mask as _output_mask
+from keras_gemma.generation.loop_parts import sampler_key as _sampler_key
+from keras_gemma.generation.loop_parts import tied_logits as _tied_logits
 from keras_gemma.generation.torch_step import TracedStep
-from keras_gemma.layers.decode_matmul import decode_matmul
 from keras_gemma.layers.decode_matmul import xla_runs_on_cpu
 
 
@@ -29,6 +32,11 @@ class Generator:
     the prefill covers `prefill_bucket(shortest prompt)` positions, and the start position,
     `max_length` and the random key are runtime values, so a new prompt length or
     `max_length` inside known buckets does not compile again. `trace_count` counts traces.
+
+    A sampler with `needs_hidden_states` (contrastive search) gets more from the loop: the
+    prefill also keeps the prompt's final hidden states as the sampler's initial state, and
+    each step hands the sampler the last position's hidden state and the model's cached
+    forward step to run candidate tokens with (`_body_with_hidden`).
 
     Example:
     >>> generator = Generator(lm)
@@ -53,6 +61,12 @@ class Generator:
         Returns `(token_ids, padding_mask)` as numpy arrays of the input's shape; the mask
         covers the prompt and the generated tokens up to and including a stop token.
         """
+        if getattr(sampler, "return_all_beams", False):
+            raise ValueError(
+                "BeamSampler(return_all_beams=True) cannot be used by generate(), which returns "
+                "one sequence per prompt (KerasHub's generate() fails on it too). Use "
+                "BeamSampler(num_beams=..., return_all_beams=False) to get the best beam."
+            )
         token_ids = np.asarray(token_ids, dtype="int32")
         prompt_mask = np.asarray(prompt_mask, dtype=bool)
         batch, max_length = token_ids.shape
@@ -91,8 +105,10 @@ class Generator:
         tokens, mask, width = self._pad(token_ids, prompt_mask, 1, pad_token_id)
         prefill = prefill_bucket(start - 1, width)
         stop_ids = tuple(stop_token_ids)
+        hidden = sampler.needs_hidden_states
         prefill_fn = self._function(
-            ("prefill", tokens.shape, prefill), lambda: self._make_prefill(prefill)
+            ("prefill", tokens.shape, prefill, hidden),
+            lambda: self._make_prefill(prefill, keep_hidden=hidden),
         )
         key = ("step", tokens.shape, _sampler_key(sampler), stop_ids, pad_token_id)
         step_fn = self._function(key, lambda: self._make_step(sampler, stop_ids, pad_token_id))
@@ -102,9 +118,8 @@ class Generator:
         with _no_grad():
             tokens = ops.convert_to_tensor(tokens)
             mask = ops.convert_to_tensor(mask)
-            caches = prefill_fn(tokens)
+            caches, scores = self._initial_state(prefill_fn(tokens), sampler, 1)
             done = ops.zeros((1,), "bool")
-            scores = sampler.initial_scores(1)
         for index in range(start, max_length):
             index_tensor = ops.convert_to_tensor(np.int32(index))
             with _no_grad():
@@ -142,11 +157,32 @@ class Generator:
         shape = (batch, 2, width, backbone.num_key_value_heads, backbone.head_dim)
         return [ops.zeros(shape, backbone.compute_dtype) for _ in range(backbone.num_layers)]
 
-    def _prefill(self, tokens, prefill):
+    def _prefill(self, tokens, prefill, keep_hidden=False):
+        """The KV caches after the first `prefill` positions; with `keep_hidden`,
+        `(caches, hidden)` where `hidden` is float32 [batch, width, hidden_dim], the final
+        hidden states of those positions and zeros after them."""
         caches = self._empty_caches(tokens.shape[0], tokens.shape[1])
+        hidden = None
         if prefill:
-            _, caches = self.model.hidden_with_cache(tokens[:, :prefill], caches, 0)
-        return caches
+            hidden, caches = self.model.hidden_with_cache(tokens[:, :prefill], caches, 0)
+        if not keep_hidden:
+            return caches
+        return caches, self._hidden_history(hidden, tokens.shape)
+
+    def _hidden_history(self, hidden, shape):
+        history = ops.zeros((shape[0], shape[1], self.model.backbone.hidden_dim), "float32")
+        if hidden is None:
+            return history
+        return ops.slice_update(history, [0, 0, 0], ops.cast(hidden, "float32"))
+
+    @staticmethod
+    def _initial_state(prefilled, sampler, rows):
+        """`(caches, sampler state)` from a prefill made with `keep_hidden` as the sampler
+        needs."""
+        if sampler.needs_hidden_states:
+            caches, hidden = prefilled
+            return caches, sampler.initial_state(rows, hidden)
+        return prefilled, sampler.initial_state(rows)
 
     def _decode(self, token, caches, index):
         """float32 logits [batch, vocabulary] for `token` [batch, 1] at position `index`."""
@@ -154,6 +190,9 @@ class Generator:
         return _tied_logits(self.model.backbone.token_embedding, hidden), caches
 
     def _body(self, decode, sampler, stop_ids, pad_id):
+        if sampler.needs_hidden_states:
+            return self._body_with_hidden(sampler, stop_ids, pad_id)
+
         def body(tokens, caches, index, prompt_mask, done, scores, key):
             batch = ops.shape(tokens)[0]  # dynamic in an exported SavedModel
             token = ops.slice(tokens, [0, index - 1], [batch, 1])
@@ -164,22 +203,49 @@ class Generator:
 
         return body
 
-    def _make_prefill(self, prefill):
+    def _body_with_hidden(self, sampler, stop_ids, pad_id):
+        """The step for samplers that need hidden states: one ordinary step of the last
+        token, then the sampler chooses, given that position's hidden state and the model's
+        cached forward step to run its candidates with."""
+        model = self.model
+
+        def run(token_ids, caches, index):
+            return model.hidden_with_cache(token_ids, caches, index)
+
+        def body(tokens, caches, index, prompt_mask, done, scores, key):
+            batch = ops.shape(tokens)[0]
+            token = ops.slice(tokens, [0, index - 1], [batch, 1])
+            hidden, caches = run(token, caches, index - 1)
+            logits = _tied_logits(model.backbone.token_embedding, hidden)
+            return sampler.select_with_hidden(
+                logits, hidden[:, 0, :], run, tokens, caches, index, prompt_mask, done, scores,
+                key, stop_ids, pad_id,
+            )
+
+        return body
+
+    def _make_prefill(self, prefill, keep_hidden=False):
         if keras.backend.backend() == "jax" and self._steps_from_python():
             layerwise = LayerwisePrefill(self.model, self._counted)
 
             def run(tokens):
                 caches = self._empty_caches(tokens.shape[0], tokens.shape[1])
-                return layerwise(tokens, caches, prefill)
+                if not keep_hidden:
+                    return layerwise(tokens, caches, prefill)
+                caches, hidden = layerwise.with_hidden(tokens, caches, prefill)
+                return caches, self._hidden_history(hidden, tokens.shape)
 
             return run
-        return self._compile(lambda tokens: self._prefill(tokens, prefill), xla=False)
+        return self._compile(lambda tokens: self._prefill(tokens, prefill, keep_hidden), xla=False)
 
     def _make_step(self, sampler, stop_ids, pad_id, rows=1):
         step = self._body(self._decode, sampler, stop_ids, pad_id)
         if keras.backend.backend() == "torch":
             return TracedStep(self._counted(step), self.model)
-        if rows > 1 and keras.backend.backend() == "jax" and self._steps_from_python():
+        # Contrastive search runs its candidates through the whole model inside the step,
+        # which the block-by-block step cannot: it keeps the one-program step.
+        layerwise = rows > 1 and not sampler.needs_hidden_states
+        if layerwise and keras.backend.backend() == "jax" and self._steps_from_python():
             backbone = self.model.backbone
 
             def finish(hidden, tokens, caches, index, prompt_mask, done, scores, key):
@@ -199,10 +265,10 @@ class Generator:
         body = self._body(self._decode, sampler, stop_ids, pad_id)
 
         def run(tokens, prompt_mask, start, max_length, key):
-            caches = self._prefill(tokens, prefill)
             rows = tokens.shape[0]
+            prefilled = self._prefill(tokens, prefill, sampler.needs_hidden_states)
+            caches, scores = self._initial_state(prefilled, sampler, rows)
             done = ops.zeros((rows,), "bool")
-            scores = sampler.initial_scores(rows)
 
             def cond(tokens, caches, index, done, scores):
                 return ops.logical_and(
@@ -249,15 +315,16 @@ class Generator:
         step = self._function(
             step_key, lambda: self._make_step(sampler, stop_ids, pad_id, rows=rows)
         )
+        hidden = sampler.needs_hidden_states
         prefill_fn = self._function(
-            ("prefill", step_key[1], prefill), lambda: self._make_prefill(prefill)
+            ("prefill", step_key[1], prefill, hidden),
+            lambda: self._make_prefill(prefill, keep_hidden=hidden),
         )
 
         def run(tokens, prompt_mask, start, max_length, key):
-            caches = prefill_fn(tokens)
             rows = tokens.shape[0]
+            caches, scores = self._initial_state(prefill_fn(tokens), sampler, rows)
             done = ops.zeros((rows,), "bool")
-            scores = sampler.initial_scores(rows)
             index, stop = int(start), int(max_length)
             while index < stop and not bool(ops.convert_to_numpy(ops.all(done))):
                 index_tensor = ops.convert_to_tensor(np.int32(index))
@@ -306,74 +373,3 @@ class Generator:
             # float32 matrix-vector products run as fast without it (FACTS.md).
             return tf.function(function, jit_compile=xla)
         return function  # torch: a Python loop around traced steps (see _make_step)
-
-
-def _tied_logits(embedding, hidden):
-    """float32 logits [batch, vocabulary] for one position `hidden` [batch, 1, hidden_dim].
-
-    `embedding(hidden, reverse=True)` multiplies by the transposed (vocabulary, hidden)
-    table, the form XLA runs slowest in float32 (gemma_2b_en's head: 110 ms a token against
-    ~75 ms for `decode_matmul`); a quantized table keeps the layer's own path.
-    """
-    if embedding.quantization_mode is not None or embedding.reverse_dtype is not None:
-        return ops.cast(embedding(hidden, reverse=True)[:, 0, :], "float32")
-    dtype = embedding.compute_dtype
-    rows = ops.cast(ops.reshape(hidden, (-1, hidden.shape[2])), dtype)
-    logits = decode_matmul(rows, ops.cast(embedding.embeddings, dtype))
-    if embedding.logit_soft_cap is not None:
-        cap = embedding.logit_soft_cap
-        logits = ops.multiply(ops.tanh(ops.divide(logits, cap)), cap)
-    return ops.cast(logits, "float32")
-
-
-def _output_mask(tokens, prompt_mask, end, stop_ids):
-    """The prompt, then generated tokens up to and including each row's first stop token."""
-    positions = ops.arange(tokens.shape[1], dtype="int32")[None, :]
-    generated = ops.logical_and(ops.less(positions, end), ops.logical_not(prompt_mask))
-    stops = ops.cast(ops.logical_and(generated, is_stop_token(tokens, stop_ids)), "int32")
-    after_stop = ops.greater(ops.cumsum(stops, axis=1) - stops, 0)
-    return ops.logical_and(ops.logical_or(prompt_mask, generated), ops.logical_not(after_stop))
-
-
-def _sampler_key(sampler):
-    # The sampler's configuration is baked into the compiled program.
-    config = sampler.get_config()
-    settings = sorted((k, repr(v)) for k, v in config.items() if k != "seed")
-    return (type(sampler).__name__, tuple(settings))
-
-
-def _jax_stateless_jit(model, function):
-    """`jax.jit(function)` reading the model's weights from arguments, not as constants."""
-    import jax
-
-    def stateless(trainable, non_trainable, *arguments):
-        mapping = list(zip(model.trainable_variables, trainable))
-        mapping += list(zip(model.non_trainable_variables, non_trainable))
-        with keras.StatelessScope(state_mapping=mapping):
-            return function(*arguments)
-
-    compiled = jax.jit(stateless)
-
-    def run(*arguments):
-        return compiled(
-            [v.value for v in model.trainable_variables],
-            [v.value for v in model.non_trainable_variables],
-            *arguments,
-        )
-
-    return run
-
-
-class _no_grad:
-    """`torch.no_grad()` on the torch backend, nothing elsewhere."""
-
-    def __enter__(self):
-        if keras.backend.backend() == "torch":
-            import torch
-
-            self._context = torch.no_grad()
-            self._context.__enter__()
-
-    def __exit__(self, *exc):
-        if keras.backend.backend() == "torch":
-            self._context.__exit__(*exc)

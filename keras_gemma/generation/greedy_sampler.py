@@ -19,13 +19,13 @@ class GreedySampler(Sampler):
 
     uses_randomness = False
 
-    def __init__(self, **kwargs):
-        kwargs.pop("temperature", None)
-        kwargs.pop("seed", None)
-        super().__init__(temperature=1.0, seed=None, **kwargs)
+    def __init__(self, temperature=1.0, seed=None):
+        super().__init__(temperature=1.0, seed=None)
+        # Kept for the config only (KerasHub's lists it): the argmax does not depend on it.
+        self.temperature = float(temperature)
 
     def next_token(self, logits, key, step):
         return ops.argmax(logits, axis=-1)
 
     def get_config(self):
-        return {}
+        return {"temperature": self.temperature}

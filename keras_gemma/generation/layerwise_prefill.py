@@ -28,14 +28,27 @@ class LayerwisePrefill:
         self._embed = None
 
     def __call__(self, tokens, caches, prefill_length):
+        return self._run(tokens, caches, prefill_length)[0]
+
+    def with_hidden(self, tokens, caches, prefill_length):
+        """`(caches, hidden)`: also the final (normalized) hidden states [batch,
+        prefill_length, hidden_dim] of the prompt, which contrastive search compares its
+        candidates with; None when `prefill_length` is 0."""
+        caches, x = self._run(tokens, caches, prefill_length)
+        if x is None:
+            return caches, None
+        # One normalization of the prompt's activations: run as it is, not compiled.
+        return caches, self.model.backbone.final_normalization(x)
+
+    def _run(self, tokens, caches, prefill_length):
         if not prefill_length:
-            return caches
+            return caches, None
         x = self.embed(tokens[:, :prefill_length])
         updated = []
         for block, cache in zip(self.model.backbone.transformer_layers, caches):
             x, cache = self.run_block(block, x, cache, 0)
             updated.append(cache)
-        return updated
+        return updated, x
 
     def embed(self, token_ids):
         """The scaled token embeddings of `token_ids` [batch, length], in one jitted call."""

@@ -23,15 +23,38 @@ def is_stop_token(token, stop_token_ids):
     return hit
 
 
+def place_token(token, tokens, index, prompt_mask, done, stop_ids, pad_id):
+    """Writes the chosen `token` [batch] into column `index` of `tokens`, except where a row
+    is still reading its prompt (the prompt token stays) or has stopped (`<pad>` goes
+    there); marks rows that produced a stop token. Returns `(tokens, done)`."""
+    token = ops.cast(token, "int32")
+    forced = read_column(prompt_mask, index)
+    token = ops.where(forced, read_column(tokens, index), token)
+    token = ops.where(done, ops.cast(pad_id, "int32"), token)
+    done = ops.logical_or(
+        done, ops.logical_and(ops.logical_not(forced), is_stop_token(token, stop_ids))
+    )
+    return write_column(tokens, index, token), done
+
+
 @keras.saving.register_keras_serializable(package="keras_gemma")
 class Sampler:
     """Picks the next token from the logits at each decode step.
 
-    A subclass implements `next_token(logits, key, step)`; the decode loop calls `select`,
-    which keeps prompt tokens where a row's prompt is still running, writes `<pad>` after a
-    row has stopped, and marks rows that produced a stop token. Randomness comes from
+    A subclass implements `next_token(logits, key, step)`, or, as in KerasHub,
+    `get_next_token(probabilities)` (then `probabilities` is
+    `softmax(logits / temperature)` in float32). The decode loop calls `select`, which keeps
+    prompt tokens where a row's prompt is still running, writes `<pad>` after a row has
+    stopped, and marks rows that produced a stop token. Randomness comes from
     `keras_gemma.generation.random_bits`, a pure function of a per-call key, so a seeded
-    sampler reproduces its sequence of outputs on every backend and inside compiled loops.
+    sampler reproduces its sequence of outputs on every backend and inside compiled loops;
+    a custom `get_next_token` must therefore be deterministic (a `keras.random` seed
+    generator is state that the compiled loops do not carry).
+
+    Samplers that need the model's hidden states (contrastive search) set
+    `needs_hidden_states = True` and implement `select_with_hidden`; the decode loop then
+    gives them the hidden state of each position and a function that runs candidate tokens
+    through the model (see `ContrastiveSampler`).
 
     Args:
         temperature: logits are divided by it before sampling (ignored by greedy search).
@@ -39,14 +62,16 @@ class Sampler:
             `(seed, n)`, so a fresh sampler with the same seed repeats the same outputs.
 
     Example:
-    >>> class LowestIdSampler(Sampler):   # a (silly) custom sampler
-    ...     def next_token(self, logits, key, step):
-    ...         return ops.zeros((ops.shape(logits)[0],), "int32")
-    >>> lm.compile(sampler=LowestIdSampler())
+    >>> class NoTokenFive(Sampler):   # KerasHub's way: greedy search with a token forbidden
+    ...     def get_next_token(self, probabilities):
+    ...         forbidden = ops.zeros((ops.shape(probabilities)[0], 1))
+    ...         return ops.argmax(ops.slice_update(probabilities, (0, 5), forbidden), axis=-1)
+    >>> lm.compile(sampler=NoTokenFive())
     """
 
     num_beams = 1
     uses_randomness = True
+    needs_hidden_states = False
 
     def __init__(self, temperature=1.0, seed=None):
         if temperature <= 0:
@@ -57,7 +82,18 @@ class Sampler:
 
     def next_token(self, logits, key, step):
         """int32 [batch] tokens from float32 `logits` [batch, vocabulary]."""
-        raise NotImplementedError
+        return self.get_next_token(self.compute_probabilities(logits))
+
+    def get_next_token(self, probabilities):
+        """KerasHub's hook: the next token [batch] from `probabilities` [batch, vocabulary]."""
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement next_token(logits, key, step) or "
+            "get_next_token(probabilities)."
+        )
+
+    def compute_probabilities(self, logits):
+        """`softmax(logits / temperature)` in float32."""
+        return ops.softmax(self.scaled(logits), axis=-1)
 
     def new_key(self):
         """The int32 [2] key for one `generate()` call (host side)."""
@@ -78,6 +114,12 @@ class Sampler:
         """Per-row state the loop carries for the sampler (beam scores); zeros otherwise."""
         return ops.zeros((batch_size,), "float32")
 
+    def initial_state(self, batch_size, hidden_states=None):
+        """The state the decode loop carries for the sampler (passed to `select` as
+        `scores`). `hidden_states` is given to samplers with `needs_hidden_states`: float32
+        [batch, length, hidden_dim], the prompt's final hidden states (zeros past them)."""
+        return self.initial_scores(batch_size)
+
     def select(self, logits, tokens, caches, index, prompt_mask, done, scores, key, stop_ids,
                pad_id):
         """One decode step's bookkeeping: writes column `index` of `tokens`.
@@ -89,7 +131,7 @@ class Sampler:
             index: int32 scalar, the position being generated.
             prompt_mask: bool [batch, length], True on each row's prompt.
             done: bool [batch], rows that already produced a stop token.
-            scores: float32 [batch], sampler state (beam search's log-probabilities).
+            scores: the sampler's state (beam search's log-probabilities).
             key: int32 [2], this call's random key.
             stop_ids: tuple of ints (static).
             pad_id: the id written after a row has stopped.
@@ -97,14 +139,9 @@ class Sampler:
         Returns:
             `(tokens, caches, done, scores)`.
         """
-        token = ops.cast(self.next_token(logits, key, index), "int32")
-        forced = read_column(prompt_mask, index)
-        token = ops.where(forced, read_column(tokens, index), token)
-        token = ops.where(done, ops.cast(pad_id, "int32"), token)
-        done = ops.logical_or(
-            done, ops.logical_and(ops.logical_not(forced), is_stop_token(token, stop_ids))
-        )
-        return write_column(tokens, index, token), caches, done, scores
+        token = self.next_token(logits, key, index)
+        tokens, done = place_token(token, tokens, index, prompt_mask, done, stop_ids, pad_id)
+        return tokens, caches, done, scores
 
     def finalize(self, tokens, done, scores):
         """The rows to return (beam search keeps the best beam of each row)."""

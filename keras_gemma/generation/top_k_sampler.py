@@ -15,15 +15,18 @@ class TopKSampler(Sampler):
 
     Args:
         k: how many of the best tokens stay candidates.
-        temperature: logits are divided by it before sampling.
         seed: int for reproducible outputs, None for fresh randomness each call.
+        temperature: logits are divided by it before sampling.
+
+    The arguments come in KerasHub's order, so `TopKSampler(5, 42)` is `k=5, seed=42` there
+    and here.
 
     Example:
     >>> lm.compile(sampler=TopKSampler(k=10, temperature=0.7, seed=0))   # or "top_k"
     >>> lm.generate("Keras is", max_length=32)
     """
 
-    def __init__(self, k=5, temperature=1.0, seed=None):
+    def __init__(self, k=5, seed=None, temperature=1.0):
         super().__init__(temperature=temperature, seed=seed)
         if k < 1:
             raise ValueError(f"k must be at least 1; got {k}.")

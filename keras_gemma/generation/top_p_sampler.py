@@ -14,18 +14,20 @@ class TopPSampler(Sampler):
     The token that crosses `p` is kept, so at least one token is always a candidate.
 
     Args:
-        p: the probability mass kept, in (0, 1].
+        p: the probability mass kept, in (0, 1]. The default, 0.1, is KerasHub's, so that
+            `compile(sampler="top_p")` samples as it does there (nearly greedy; 0.9 is a
+            common choice for varied text).
         k: optional cap on the candidates; sorting only the best `k` logits is much cheaper
             than sorting a 256,000-token vocabulary at every step.
-        temperature: logits are divided by it before the probabilities are taken.
         seed: int for reproducible outputs, None for fresh randomness each call.
+        temperature: logits are divided by it before the probabilities are taken.
 
     Example:
     >>> lm.compile(sampler=TopPSampler(p=0.9, seed=1))    # or "top_p"
     >>> lm.generate("A haiku about rain:", max_length=48)
     """
 
-    def __init__(self, p=0.9, k=None, temperature=1.0, seed=None):
+    def __init__(self, p=0.1, k=None, seed=None, temperature=1.0):
         super().__init__(temperature=temperature, seed=seed)
         if not 0 < p <= 1:
             raise ValueError(f"p must be in (0, 1]; got {p}.")
