@@ -24,6 +24,9 @@ _FILLER = ["<mask>", "[@BOS@]"] + [f"<unused{i}>" for i in range(100)]
 _WHITESPACE_RUNS = ["\n", "\n\n", "\n\n\n", "\t", "\t\t"] + ["▁" * n for n in (2, 3, 4, 8)]
 _CHAT = ["<start_of_turn>", "<end_of_turn>"]
 USER_DEFINED_SYMBOLS = _FILLER + _CHAT + _WHITESPACE_RUNS
+# CodeGemma's fill-in-the-middle pieces sit at ids 67..70 (where <unused61..64> are here).
+FIM_PIECES = ["<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|file_separator|>"]
+_FIM_FILLER = _FILLER[:63] + FIM_PIECES + _FILLER[67:]
 
 
 def _training_sentences():
@@ -48,13 +51,15 @@ def _training_sentences():
     return sentences
 
 
-def train_gemma_like_model(whitespace_pieces=True):
+def train_gemma_like_model(whitespace_pieces=True, fim_pieces=False):
     """Train the model and return its serialized bytes.
 
     `whitespace_pieces=False` leaves out the space/tab/newline runs (the chat pieces keep their
     ids), for comparisons with tokenizers that treat those pieces differently.
+    `fim_pieces=True` puts CodeGemma's fill-in-the-middle pieces at ids 67..70.
     """
-    symbols = USER_DEFINED_SYMBOLS if whitespace_pieces else _FILLER + _CHAT
+    filler = _FIM_FILLER if fim_pieces else _FILLER
+    symbols = filler + _CHAT + (_WHITESPACE_RUNS if whitespace_pieces else [])
     buffer = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(_training_sentences()),
@@ -83,15 +88,17 @@ def train_gemma_like_model(whitespace_pieces=True):
     return buffer.getvalue()
 
 
-def gemma_like_model_file(directory, whitespace_pieces=True):
+def gemma_like_model_file(directory, whitespace_pieces=True, fim_pieces=False):
     """Write `tokenizer.model` into `directory` (once) and return its path."""
     path = os.path.join(directory, "tokenizer.model")
     if not os.path.exists(path):
-        proto = train_gemma_like_model(whitespace_pieces)
+        proto = train_gemma_like_model(whitespace_pieces, fim_pieces)
         processor = spm.SentencePieceProcessor(model_proto=proto)
         # Guard the ids the tests state, so a change of settings cannot move them silently.
         assert processor.piece_to_id("<start_of_turn>") == START_OF_TURN_ID
         assert processor.piece_to_id("<end_of_turn>") == END_OF_TURN_ID
+        if fim_pieces:
+            assert processor.piece_to_id("<|fim_prefix|>") == 67
         with open(path, "wb") as f:
             f.write(proto)
     return path

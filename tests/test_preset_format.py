@@ -173,3 +173,19 @@ def test_shape_mismatch_names_variable_and_shapes(tmp_path):
     preset = _edit_config(tmp_path, lambda c: c["backbone"]["config"].update(hidden_dim=24))
     with pytest.raises(ValueError, match=r"token_embedding/embeddings.*\(64, 16\).*\(64, 24\)"):
         GemmaBackbone.from_preset(preset)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_lora_model_saves_with_its_update_merged(tmp_path, dtype):
+    backbone = GemmaBackbone(**TINY, dtype=dtype)
+    backbone.enable_lora(rank=2)
+    rng = np.random.default_rng(7)
+    for variable in backbone.trainable_variables:  # lora_kernel_b starts at zero
+        variable.assign(rng.normal(0, 0.3, variable.shape).astype("float32"))
+    expected = _numpy(backbone(_inputs()))
+    backbone.save_to_preset(tmp_path / "preset")
+    restored = GemmaBackbone.from_preset(str(tmp_path / "preset"))
+    assert not any("lora" in v.path for v in restored.weights)
+    np.testing.assert_allclose(
+        _numpy(restored(_inputs())), expected, atol=1e-5 if dtype == "float32" else 0.05, rtol=0
+    )

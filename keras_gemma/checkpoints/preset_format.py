@@ -96,19 +96,33 @@ def validate_backbone_config(config, where="config.json"):
 
 def _numpy(variable):
     value = variable.value if hasattr(variable, "value") else variable
-    if str(variable.dtype) == "bfloat16":
+    if keras.backend.standardize_dtype(variable.dtype) == "bfloat16":
         as_float = keras.ops.convert_to_numpy(keras.ops.cast(value, "float32"))
         return np.asarray(as_float).astype(ml_dtypes.bfloat16)
     return np.asarray(keras.ops.convert_to_numpy(value))
 
 
 def backbone_tensors(backbone):
-    """`{variable path: numpy array}` for every variable of the backbone."""
+    """`{variable path: numpy array}` for every variable of the backbone.
+
+    A layer with LoRA enabled is saved as Keras saves it (and so KerasHub's presets hold it):
+    its kernel with the LoRA update merged in, and no LoRA factors, so the preset loads into
+    a plain model. `save_lora_weights` keeps the factors on their own.
+    """
+    merged = {}
+    for layer in backbone._flatten_layers(include_self=False):
+        if getattr(layer, "lora_enabled", False) and not getattr(layer, "quantization_mode", None):
+            # `layer.kernel` is the base kernel plus the scaled product of the factors.
+            merged[layer._kernel.path] = layer.kernel
+            merged[layer.lora_kernel_a.path] = None
+            merged[layer.lora_kernel_b.path] = None
     tensors = {}
     for variable in backbone.weights:
         if variable.path in tensors:
             raise ValueError(f"two variables share the path {variable.path!r}.")
-        tensors[variable.path] = _numpy(variable)
+        value = merged.get(variable.path, variable)
+        if value is not None:
+            tensors[variable.path] = _numpy(value)
     return tensors
 
 

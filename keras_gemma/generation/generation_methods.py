@@ -80,7 +80,9 @@ class GenerationMethods:
 
         Pieces are cut at character boundaries: a character split over several byte tokens
         comes out whole once its last byte arrives. Joined, the pieces are the text that
-        `generate(prompt, strip_prompt=True)` returns (with the same greedy sampler).
+        `generate(prompt, strip_prompt=True)` returns (with the same greedy sampler), less
+        the stop token: where a reply ends at `<end_of_turn>`, `generate` keeps the marker
+        (as KerasHub does) and `stream` does not yield it.
 
         Example:
         >>> for piece in lm.stream("The three laws of robotics are", max_length=64):

@@ -9,7 +9,8 @@ class TextStream:
     piece's leading space may depend on what precedes it. So the whole continuation is
     decoded each time and only the new, complete text is emitted; a trailing U+FFFD is held
     back until the next token completes the character (or `flush()` gives up on it).
-    Special tokens (pad, bos, eos, turn markers) are skipped, as `generate_postprocess` does.
+    Special tokens (pad, bos, eos) are skipped, as `generate_postprocess` does; turn markers
+    that the model writes inside its reply are text, as there.
 
     Args:
         tokenizer: a `GemmaTokenizer` (anything with `detokenize` and `special_token_ids`).
