@@ -103,8 +103,8 @@ class GemmaCausalLM(GenerationMethods, keras.Model):
         categorical cross-entropy from logits, and accuracy weighted by the padding mask.
 
         Args:
-            sampler: a name ("greedy", "top_k", "top_p", "random", "beam") or a
-                `keras_gemma.generation` sampler object.
+            sampler: a name ("greedy", "top_k", "top_p", "random", "beam",
+                "contrastive") or a `keras_gemma.samplers` sampler object.
         """
         if optimizer == "auto":
             optimizer = keras.optimizers.AdamW(learning_rate=2e-5, weight_decay=0.01)

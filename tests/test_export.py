@@ -119,3 +119,9 @@ def test_export_needs_a_preprocessor(causal_lm, tmp_path):
     bare = GemmaCausalLM(causal_lm.backbone)
     with pytest.raises(ValueError, match="preprocessor"):
         keras_gemma.export_saved_model(bare, str(tmp_path / "x"))
+
+
+def test_contrastive_search_is_refused_before_anything_is_written(causal_lm, tmp_path):
+    with pytest.raises(ValueError, match="contrastive search.*another sampler"):
+        keras_gemma.export_saved_model(causal_lm, str(tmp_path / "x"), sampler="contrastive")
+    assert os.listdir(tmp_path) == []

@@ -53,6 +53,12 @@ def export_saved_model(causal_lm, path, max_length=512, sampler="greedy"):
         )
     if not isinstance(max_length, int) or max_length < 2:
         raise ValueError(f"max_length must be an integer >= 2; got {max_length!r}.")
+    if getattr(get_sampler(sampler), "needs_hidden_states", False):
+        raise ValueError(
+            "export_saved_model: contrastive search needs the decode loop's hidden states, "
+            "which the exported loop does not carry; export with another sampler "
+            '("greedy", "top_k", "top_p" or "random").'
+        )
     path = os.path.abspath(os.fspath(path))
     if keras.backend.backend() == "tensorflow":
         _export_here(causal_lm, path, max_length, sampler)
