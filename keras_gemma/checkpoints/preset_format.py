@@ -5,6 +5,8 @@ config.json:
      "backbone": {"class_name": "GemmaBackbone", "config": {...constructor arguments...}},
      "preprocessor": {"class_name": "GemmaCausalLMPreprocessor", "config": {...}} (optional),
      "task": {"class_name": "GemmaCausalLM", "config": {...}} (optional),
+     "tokenizer": {"class_name": "GemmaTokenizer", "config": {"sequence_length": ...}}
+         (optional: written by `tokenizer.save_to_preset`, see preset_parts.py),
      "metadata": {"instruction_tuned": bool, "stop_tokens": [...], "parameter_count": int}}
 model.safetensors: every backbone variable under its Keras path, in its own dtype; dense
     kernels (out, in) since format 2 (format 1 stored them (in, out), as KerasHub does).
