@@ -4,6 +4,10 @@ from keras_gemma.backbone import GemmaBackbone
 from keras_gemma.causal_lm import GemmaCausalLM
 from keras_gemma.checkpoints.preset_cards import list_presets
 from keras_gemma.export import export_saved_model
+from keras_gemma.gemma3_backbone import Gemma3Backbone
+from keras_gemma.gemma3_causal_lm import Gemma3CausalLM
+from keras_gemma.gemma3_causal_lm_preprocessor import Gemma3CausalLMPreprocessor
+from keras_gemma.gemma3_tokenizer import Gemma3Tokenizer
 from keras_gemma.preprocessor import GemmaCausalLMPreprocessor
 from keras_gemma.tokenizer import GemmaTokenizer
 
