@@ -368,8 +368,17 @@ class GemmaBackbone(keras.Model):
         >>> backbone = GemmaBackbone.from_preset("./my_transformers_gemma_dir")
         >>> backbone = GemmaBackbone.from_preset("gemma_2b_en", dtype="bfloat16")
         """
-        from keras_gemma.checkpoints.loader import load_backbone
+        from keras_gemma.checkpoints.loader import build_backbone
 
         if kwargs:
             raise TypeError(f"unexpected arguments to from_preset: {sorted(kwargs)}.")
-        return load_backbone(preset, dtype=dtype, load_weights=load_weights)
+        return build_backbone(cls, preset, dtype=dtype, with_weights=load_weights)
+
+    @classmethod
+    def from_gemma_arguments(cls, arguments, resolved=None):
+        """Builds this class from `GemmaBackbone` arguments read from a checkpoint.
+
+        The loader reads a preset into GemmaBackbone's arguments (`resolved` says what it
+        read); a subclass that takes other arguments (`Gemma3Backbone`) translates them here.
+        """
+        return cls.from_config(arguments)

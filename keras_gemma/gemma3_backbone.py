@@ -222,15 +222,6 @@ class Gemma3Backbone(GemmaBackbone):
         self.text_only_model = True
         self._saving_as_gemma_backbone = False
 
-    @classmethod
-    def _from_gemma_backbone(cls, backbone, arguments):
-        # The loaders build a GemmaBackbone. A Gemma3Backbone is that very model under
-        # KerasHub's argument names, so the instance is re-labelled instead of building and
-        # filling a second one (which would hold the weights twice).
-        backbone.__class__ = cls
-        backbone._set_keras_hub_arguments(arguments)
-        return backbone
-
     def gemma_backbone_config(self):
         """This model's arguments for `keras_gemma.GemmaBackbone` (our argument names).
 
@@ -268,33 +259,31 @@ class Gemma3Backbone(GemmaBackbone):
             return super().save_to_preset(preset_dir)
 
     @classmethod
-    def from_preset(cls, preset, dtype=None, load_weights=True, **kwargs):
-        """A Gemma3Backbone from a Gemma 3 preset name, directory (KerasHub, keras_gemma or
-        transformers format), .gguf file or `kaggle://` / `hf://` handle.
+    def from_gemma_arguments(cls, arguments, resolved=None):
+        """A Gemma3Backbone from the GemmaBackbone arguments a preset was read into.
+
+        From a KerasHub preset, its own Gemma3Backbone arguments are kept (so `get_config()`
+        gives back its config.json); a KerasHub Gemma 1/2 preset is refused. From other
+        formats the arguments are translated, and a model KerasHub's Gemma 3 arguments cannot
+        express (a Gemma 1 or 2 checkpoint) is refused by `keras_hub_arguments`.
 
         Example:
         >>> backbone = Gemma3Backbone.from_preset("gemma3_270m", dtype="float32")
         """
         from keras_gemma.checkpoints.keras_hub import REGISTERED_NAMES
-        from keras_gemma.checkpoints.loader import load_backbone, resolve
 
-        if kwargs:
-            raise TypeError(f"unexpected arguments to from_preset: {sorted(kwargs)}.")
-        resolved = resolve(preset)
-        arguments = None
-        if resolved.kind == "keras_hub":
+        dtype = arguments.get("dtype")
+        if resolved is not None and resolved.kind == "keras_hub":
             family = REGISTERED_NAMES[resolved.config["registered_name"]]
             if family != "gemma3":
                 raise ValueError(
                     f"{resolved.path} is a KerasHub {resolved.config['registered_name']} "
                     "preset (Gemma 1 or 2); load it with keras_gemma.GemmaBackbone."
                 )
-            # KerasHub's own arguments, so that get_config() gives back its config.json.
             source = resolved.config.get("config") or {}
             if source.get("vision_encoder") not in (None, {}):
                 raise ValueError(f"{resolved.path} is a multimodal Gemma 3. {TEXT_ONLY}")
-            arguments = {**_DEFAULTS, **{k: v for k, v in source.items() if k in ARGUMENTS}}
-        backbone = load_backbone(resolved, dtype=dtype, load_weights=load_weights)
-        if arguments is None:
-            arguments = keras_hub_arguments(GemmaBackbone.get_config(backbone))
-        return cls._from_gemma_backbone(backbone, arguments)
+            keras_hub_config = {**_DEFAULTS, **{k: v for k, v in source.items() if k in ARGUMENTS}}
+        else:
+            keras_hub_config = keras_hub_arguments(arguments)
+        return cls(**keras_hub_config, dtype=dtype)

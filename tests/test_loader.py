@@ -6,7 +6,7 @@ import shutil
 import keras
 import numpy as np
 
-from keras_gemma import GemmaTokenizer
+from keras_gemma import GemmaBackbone, GemmaTokenizer
 from keras_gemma.checkpoints import loader
 from tokenizer_corpus import CORPUS
 
@@ -39,13 +39,11 @@ def test_transformers_directory_with_its_tokenizer_loads(sentencepiece_proto, tm
     rebuilt = GemmaTokenizer.from_preset(directory)
     original = GemmaTokenizer(proto=sentencepiece_proto)
     assert rebuilt(CORPUS) == original(CORPUS)
-    backbone = loader.load_backbone(directory)
+    backbone = GemmaBackbone.from_preset(directory)
     assert backbone.vocabulary_size == 1000 and backbone.use_query_key_norm
 
 
 def test_resolve_detects_each_format(tmp_path, sentencepiece_proto):
-    from keras_gemma import GemmaBackbone
-
     backbone = GemmaBackbone(
         vocabulary_size=50, num_layers=1, num_query_heads=2, num_key_value_heads=1,
         hidden_dim=8, intermediate_dim=16, head_dim=4,
@@ -56,7 +54,7 @@ def test_resolve_detects_each_format(tmp_path, sentencepiece_proto):
     assert loader.resolve(directory).kind == "transformers"
     metadata = loader.preset_metadata(str(tmp_path / "ours"))
     assert metadata["instruction_tuned"] is False
-    loaded = loader.load_backbone(str(tmp_path / "ours"))
+    loaded = GemmaBackbone.from_preset(str(tmp_path / "ours"))
     assert np.array_equal(
         keras.ops.convert_to_numpy(loaded.token_embedding.embeddings),
         keras.ops.convert_to_numpy(backbone.token_embedding.embeddings),

@@ -23,6 +23,7 @@ import keras  # noqa: E402
 from conftest import to_numpy  # noqa: E402
 from gguf_reference import LOGITS_TEXT, PARAGRAPH, perplexity, reference  # noqa: E402
 from keras_gemma.checkpoints import gguf  # noqa: E402
+from keras_gemma.backbone import GemmaBackbone  # noqa: E402
 from keras_gemma.tokenizer import GemmaTokenizer  # noqa: E402
 
 # transformers' GGUF tokenizer matches the control pieces <bos>, <eos>, <pad> and <unk> when
@@ -47,7 +48,7 @@ def expected(path):
 
 @pytest.fixture(scope="module")
 def backbone(path):
-    return gguf.load_backbone(path, dtype="float32")
+    return GemmaBackbone.from_preset(path, dtype="float32")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ that preset (seconds instead of ~30 s). float32 holds every dequantized value ex
 cached copy serves every dtype: the weights are cast when loaded.
 
 Example:
->>> backbone = load_backbone("gemma-3-270m-q4_k_m.gguf", dtype="float32")
+>>> backbone = GemmaBackbone.from_preset("gemma-3-270m-q4_k_m.gguf", dtype="float32")
 >>> tokenizer = keras_gemma.GemmaTokenizer(proto=tokenizer_file("gemma-3-270m-q4_k_m.gguf"))
 """
 
@@ -322,23 +322,9 @@ def convert(path):
     return directory
 
 
-def load_backbone(path, dtype=None, load_weights=True):
-    """A GemmaBackbone from a .gguf file, converted on first use (see `convert`).
-
-    `dtype` (default float32) is the weights' dtype; `load_weights=False` builds the
-    architecture only and reads no tensor.
-
-    Example:
-    >>> backbone = load_backbone("gemma-3-270m-q4_k_m.gguf", dtype="bfloat16")
-    """
-    from keras_gemma.backbone import GemmaBackbone
-    from keras_gemma.checkpoints import loader
-
-    directory = cache_directory(path)
-    if not load_weights and not _is_converted(directory):
-        arguments = backbone_arguments(open_gguf(path))
-        return GemmaBackbone(**arguments, dtype=dtype or "float32")
-    return loader.load_backbone(convert(path), dtype=dtype, load_weights=load_weights)
+def is_converted(path):
+    """Whether the .gguf file at `path` has a finished conversion in the cache."""
+    return _is_converted(cache_directory(os.fspath(path)))
 
 
 def tokenizer_file(path):

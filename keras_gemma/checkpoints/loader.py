@@ -105,34 +105,53 @@ def backbone_arguments(resolved):
     raise ValueError(f"cannot read a backbone config from a {resolved.kind} preset.")
 
 
-def load_backbone(handle, dtype=None, load_weights=True):
-    """A GemmaBackbone (with weights unless load_weights=False) from any handle."""
-    from keras_gemma.backbone import GemmaBackbone
+def backbone_config(handle, dtype=None, convert=True):
+    """`(resolved, arguments)`: where the weights are and `GemmaBackbone`'s arguments.
 
+    The loader reads; the model classes build themselves from the arguments (see
+    `GemmaBackbone.from_preset`) and then ask `load_weights` to fill them. A GGUF file is
+    converted once into a keras_gemma preset in the cache and read from there; with
+    `convert=False` an unconverted one gives its arguments without reading a tensor.
+    """
     resolved = resolve(handle)
     if resolved.kind == "gguf":
         from keras_gemma.checkpoints import gguf
 
-        return gguf.load_backbone(resolved.path, dtype=dtype, load_weights=load_weights)
+        if not convert and not gguf.is_converted(resolved.path):
+            arguments = gguf.backbone_arguments(gguf.open_gguf(resolved.path))
+            return resolved, {**arguments, "dtype": dtype or "float32"}
+        resolved = _detect(gguf.convert(resolved.path), card=resolved.card)
     arguments = dict(backbone_arguments(resolved))
     arguments.pop("name", None)
     arguments.pop("trainable", None)
     if dtype is not None or "dtype" not in arguments:
         arguments["dtype"] = dtype
-    if load_weights:
-        with skip_random_initialization():
-            backbone = GemmaBackbone.from_config(arguments)
+    return resolved, arguments
+
+
+def load_weights(backbone, resolved):
+    """Fills a built backbone from the files of `resolved` (from `backbone_config`)."""
+    if resolved.kind == "keras_gemma":
+        preset_format.load_weights(backbone, resolved.path)
+    elif resolved.kind == "keras_hub":
+        family = keras_hub.REGISTERED_NAMES[resolved.config["registered_name"]]
+        keras_hub.load_keras_hub_weights(backbone, resolved.path, family)
+    elif resolved.kind == "transformers":
+        huggingface.load_transformers_weights(backbone, resolved.path)
     else:
-        backbone = GemmaBackbone.from_config(arguments)
-    if load_weights:
-        if resolved.kind == "keras_gemma":
-            preset_format.load_weights(backbone, resolved.path)
-        elif resolved.kind == "keras_hub":
-            family = keras_hub.REGISTERED_NAMES[resolved.config["registered_name"]]
-            keras_hub.load_keras_hub_weights(backbone, resolved.path, family)
-        else:
-            huggingface.load_transformers_weights(backbone, resolved.path)
+        raise ValueError(f"cannot read weights from a {resolved.kind} preset: convert it first.")
     return backbone
+
+
+def build_backbone(cls, handle, dtype=None, with_weights=True):
+    """`cls.from_gemma_arguments(...)` filled from `handle`: what `from_preset` does."""
+    resolved, arguments = backbone_config(handle, dtype=dtype, convert=with_weights)
+    if not with_weights:
+        return cls.from_gemma_arguments(arguments, resolved)
+    # The weights are about to be overwritten: skip drawing random ones.
+    with skip_random_initialization():
+        backbone = cls.from_gemma_arguments(arguments, resolved)
+    return load_weights(backbone, resolved)
 
 
 def tokenizer_proto(handle):
