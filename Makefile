@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 PROMPT ?= Once upon a time
 BACKEND ?= jax
 
-.PHONY: install install-dev demo test test-jax test-tensorflow test-torch
+.PHONY: install install-dev demo test test-jax test-tensorflow test-torch test-distribution
 
 install:
 	$(PIP) install -q "$(TORCH)"
@@ -22,7 +22,7 @@ demo: install
 	KERAS_BACKEND=$(BACKEND) keras-gemma generate "$(PROMPT)" --max-length 64
 
 test: install-dev
-	$(MAKE) -k test-jax test-tensorflow test-torch
+	$(MAKE) -k test-jax test-tensorflow test-torch test-distribution
 
 PYTEST = $(PYTHON) -m pytest -q -p no:cacheprovider tests
 
@@ -34,3 +34,8 @@ test-tensorflow:
 
 test-torch:
 	KERAS_BACKEND=torch $(PYTEST)
+
+# keras.distribution on 8 simulated CPU devices: XLA reads the device count when JAX starts,
+# so this needs its own process (tests/test_distribution.py skips itself in the runs above).
+test-distribution:
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 KERAS_BACKEND=jax $(PYTEST)/test_distribution.py

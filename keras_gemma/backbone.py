@@ -250,6 +250,28 @@ class GemmaBackbone(keras.Model):
         return cls(**config)
 
     @staticmethod
+    def get_layout_map(
+        device_mesh, model_parallel_dim_name="model", data_parallel_dim_name="batch"
+    ):
+        """A `keras.distribution.LayoutMap` sharding this model over the mesh's model axis.
+
+        Fits every shipped preset (one KV head and Gemma 3 included) and LoRA: vocabulary,
+        head_dim (not heads: some presets have 1 KV head or 4 query heads) and FFN width are
+        sharded, norms replicated, weights replicated along the data axis; the axes and their
+        reasons are in `keras_gemma.distribution`, whose `check_layout` names any weight a mesh
+        does not divide. keras.distribution is JAX-only (Keras 3.15.1).
+
+        Example:
+        >>> layout_map = GemmaBackbone.get_layout_map(mesh)        # DeviceMesh (1, 8)
+        >>> check_layout("gemma_2b_en", layout_map)
+        >>> keras.distribution.set_distribution(keras.distribution.ModelParallel(
+        ...     layout_map=layout_map, batch_dim_name="batch"))
+        """
+        from keras_gemma.distribution import layout_map
+
+        return layout_map(device_mesh, model_parallel_dim_name, data_parallel_dim_name)
+
+    @staticmethod
     def parameter_count(config):
         """Number of weights of the architecture `config`, computed without building it.
 
