@@ -86,8 +86,9 @@ class GemmaTokenizer(keras.layers.Layer):
         from keras_gemma.checkpoints.preset_parts import saved_tokenizer_config
 
         resolved = resolve(preset)
-        config = {**saved_tokenizer_config(resolved), **kwargs}
-        return cls(proto=tokenizer_proto(resolved), **config)
+        config = saved_tokenizer_config(resolved)
+        config.pop("has_vision_tokens", None)  # a Gemma3Tokenizer setting
+        return cls(proto=tokenizer_proto(resolved), **{**config, **kwargs})
 
     def __init__(self, proto=None, sequence_length=None, **kwargs):
         super().__init__(**kwargs)

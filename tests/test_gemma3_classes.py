@@ -356,3 +356,14 @@ def test_real_gemma3_270m_preset():
     assert lm.preprocessor.tokenizer.has_vision_tokens is False
     text = lm.generate({"prompts": ["The capital of France is"]}, max_length=12)
     assert text[0].startswith("The capital of France is") and len(text[0]) > 26
+
+
+def test_tokenizer_saved_to_a_preset_keeps_has_vision_tokens(sentencepiece_proto, tmp_path):
+    proto = _proto_with_vision_pieces(sentencepiece_proto)
+    ours = keras_gemma.Gemma3Tokenizer(proto=proto)
+    ours.save_to_preset(str(tmp_path / "preset"))
+    restored = keras_gemma.Gemma3Tokenizer.from_preset(str(tmp_path / "preset"))
+    assert restored.has_vision_tokens is True
+    assert restored.special_token_ids == ours.special_token_ids
+    # The plain Gemma tokenizer reads the same preset (the Gemma 3 switch is not its own).
+    assert keras_gemma.GemmaTokenizer.from_preset(str(tmp_path / "preset")).vocabulary_size()

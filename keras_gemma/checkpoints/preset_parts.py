@@ -32,13 +32,16 @@ PREPROCESSOR_SECTION = "preprocessor"
 # Gemma3Tokenizer is GemmaTokenizer with KerasHub's Gemma 3 bookkeeping: the same file.
 _TOKENIZER_CLASSES = ("GemmaTokenizer", "Gemma3Tokenizer")
 _PREPROCESSOR_CLASS = "GemmaCausalLMPreprocessor"
-_TOKENIZER_KEYS = ("sequence_length",)
+_TOKENIZER_KEYS = ("sequence_length", "has_vision_tokens")
 
 
 def _tokenizer_section(tokenizer):
     name = type(tokenizer).__name__
     name = name if name in _TOKENIZER_CLASSES else _TOKENIZER_CLASSES[0]
-    return {"class_name": name, "config": {"sequence_length": tokenizer.sequence_length}}
+    config = {"sequence_length": tokenizer.sequence_length}
+    if hasattr(tokenizer, "has_vision_tokens"):  # Gemma3Tokenizer's vocabulary switch
+        config["has_vision_tokens"] = tokenizer.has_vision_tokens
+    return {"class_name": name, "config": config}
 
 
 def save_tokenizer(directory, tokenizer):
