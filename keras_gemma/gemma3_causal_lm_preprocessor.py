@@ -9,7 +9,6 @@ from keras_gemma.gemma3_backbone import TEXT_ONLY
 from keras_gemma.gemma3_tokenizer import Gemma3Tokenizer
 from keras_gemma.preprocessor import GemmaCausalLMPreprocessor
 from keras_gemma.text_inputs import in_tf_graph
-from keras_gemma.text_inputs import to_python
 
 
 def _text_fields(x, need_responses):
@@ -139,29 +138,11 @@ class Gemma3CausalLMPreprocessor(GemmaCausalLMPreprocessor):
         )
         return self._outputs({"token_ids": ids, "padding_mask": mask})
 
-    def generate_postprocess(self, x):
-        """`{"token_ids", "padding_mask"}` -> strings, without padding and KerasHub's special
-        tokens other than `<start_of_image>` (which a prompt writes)."""
-        if not isinstance(x, dict) or "token_ids" not in x or "padding_mask" not in x:
-            raise TypeError(
-                "Gemma3CausalLMPreprocessor.generate_postprocess expects a dict with "
-                "'token_ids' and 'padding_mask'."
-            )
+    def _ids_to_strip(self):
+        # KerasHub's Gemma 3 keeps <start_of_image> (a prompt writes it) and strips its other
+        # special tokens.
         kept = getattr(self.tokenizer, "start_of_image_token_id", -1)
-        strip = [i for i in self.tokenizer.special_token_ids if i != kept]
-        if in_tf_graph():
-            import tensorflow as tf
-
-            ids = tf.cast(x["token_ids"], "int32")
-            keep = tf.cast(x["padding_mask"], "bool")
-            for token in strip:
-                keep = keep & (ids != token)
-            return self.tokenizer.detokenize(tf.ragged.boolean_mask(ids, keep))
-        ids = np.asarray(to_python(x["token_ids"]))
-        keep = np.asarray(to_python(x["padding_mask"])).astype(bool) & ~np.isin(ids, strip)
-        if ids.ndim == 1:
-            return self.tokenizer.detokenize(ids[keep].tolist())
-        return [self.tokenizer.detokenize(row[k].tolist()) for row, k in zip(ids, keep)]
+        return [i for i in self.tokenizer.special_token_ids if i != kept]
 
     def _pack_pair(self, prompts, responses, length, add_start, add_end):
         """`<bos> prompt response <eos>` right-padded to `length`: (ids, mask, response mask).

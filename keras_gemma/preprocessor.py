@@ -163,12 +163,12 @@ class GemmaCausalLMPreprocessor(keras.layers.Layer):
     def generate_postprocess(self, x):
         """`{"token_ids", "padding_mask"}` (numpy, lists or tensors) -> strings, without the
         positions the mask hides and without padding, `<bos>` and `<eos>`."""
+        name = type(self).__name__
         if not isinstance(x, dict) or "token_ids" not in x or "padding_mask" not in x:
             raise TypeError(
-                "GemmaCausalLMPreprocessor.generate_postprocess expects a dict with 'token_ids' "
-                "and 'padding_mask'."
+                f"{name}.generate_postprocess expects a dict with 'token_ids' and 'padding_mask'."
             )
-        special = self.tokenizer.special_token_ids
+        special = self._ids_to_strip()
         if _in_tf_graph():
             import tensorflow as tf
 
@@ -181,13 +181,17 @@ class GemmaCausalLMPreprocessor(keras.layers.Layer):
         keep = np.asarray(_to_python(x["padding_mask"])).astype(bool)
         if ids.shape != keep.shape:
             raise ValueError(
-                "GemmaCausalLMPreprocessor.generate_postprocess: token_ids and padding_mask have "
-                f"different shapes {ids.shape} and {keep.shape}."
+                f"{name}.generate_postprocess: token_ids and padding_mask have different "
+                f"shapes {ids.shape} and {keep.shape}."
             )
         keep &= ~np.isin(ids, special)
         if ids.ndim == 1:
             return self.tokenizer.detokenize(ids[keep].tolist())
         return [self.tokenizer.detokenize(row[k].tolist()) for row, k in zip(ids, keep)]
+
+    def _ids_to_strip(self):
+        """The token ids `generate_postprocess` removes (KerasHub's: the tokenizer's special ids)."""
+        return list(self.tokenizer.special_token_ids)
 
     def _length(self, sequence_length):
         if sequence_length is None:
