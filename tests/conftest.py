@@ -33,6 +33,26 @@ def backend():
     return BACKEND
 
 
+def tiny_config(**overrides):
+    """Arguments of a tiny Gemma 1 `GemmaBackbone`; a test overrides what it needs.
+
+    Two layers, 4 query heads over 2 key/value heads, hidden 32, FFN width 32, head_dim 8:
+    small enough to build in milliseconds on every backend, large enough that grouped-query
+    attention and every projection are exercised.
+    """
+    config = dict(
+        vocabulary_size=96,
+        num_layers=2,
+        num_query_heads=4,
+        num_key_value_heads=2,
+        hidden_dim=32,
+        intermediate_dim=64,
+        head_dim=8,
+    )
+    config.update(overrides)
+    return config
+
+
 def to_numpy(x):
     """Any backend tensor (or numpy array) as a numpy array."""
     return np.asarray(keras.ops.convert_to_numpy(x))

@@ -6,16 +6,9 @@ saves it with KerasHub's own `save_to_preset`.
 """
 
 import numpy as np
+from conftest import tiny_config
 
-TINY = dict(
-    vocabulary_size=1000,
-    num_layers=3,
-    num_query_heads=4,
-    num_key_value_heads=2,
-    hidden_dim=32,
-    intermediate_dim=64,
-    head_dim=12,
-)
+TINY = tiny_config(vocabulary_size=1000, num_layers=3, head_dim=12)
 
 
 def randomize(model, seed=0):

@@ -6,16 +6,9 @@ import pytest
 
 from keras_gemma import GemmaBackbone
 from keras_gemma.checkpoints.keras_hub import heads_in, heads_out
+from conftest import tiny_config
 
-TINY = dict(
-    vocabulary_size=96,
-    num_layers=3,
-    num_query_heads=4,
-    num_key_value_heads=2,
-    hidden_dim=32,
-    intermediate_dim=64,
-    head_dim=12,
-)
+TINY = tiny_config(num_layers=3, head_dim=12)
 GEMMA3_SWITCHES = dict(
     query_pre_attn_scalar=20,
     use_post_attention_norm=True,

@@ -10,7 +10,7 @@ import gc
 import keras
 import numpy as np
 import pytest
-from conftest import to_numpy
+from conftest import tiny_config, to_numpy
 from test_huggingface import _transformers_model
 
 from keras_gemma import GemmaBackbone
@@ -145,14 +145,8 @@ def _compiled(function, model):
 
 # The model API, on a small model of our own.
 
-TINY = dict(
+TINY = tiny_config(
     vocabulary_size=128,
-    num_layers=2,
-    num_query_heads=4,
-    num_key_value_heads=2,
-    hidden_dim=32,
-    intermediate_dim=64,
-    head_dim=8,
     use_post_attention_norm=True,
     use_post_ffw_norm=True,
     use_sliding_window_attention=True,

@@ -14,7 +14,7 @@ import os
 import keras
 import numpy as np
 import pytest
-from conftest import to_numpy
+from conftest import tiny_config, to_numpy
 from keras import ops
 from sentencepiece_model import END_OF_TURN_ID
 from sentencepiece_model import START_OF_TURN_ID
@@ -24,15 +24,7 @@ from keras_gemma.checkpoints import preset_parts
 
 keras_hub = pytest.importorskip("keras_hub")
 
-TINY = dict(
-    vocabulary_size=1000,
-    num_layers=2,
-    num_query_heads=4,
-    num_key_value_heads=2,
-    hidden_dim=32,
-    intermediate_dim=64,
-    head_dim=8,
-)
+TINY = tiny_config(vocabulary_size=1000)
 BOS, EOS, PAD = 2, 1, 0
 
 

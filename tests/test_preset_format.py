@@ -10,11 +10,17 @@ import pytest
 from keras_gemma import GemmaBackbone
 from keras_gemma.checkpoints import preset_format
 from keras_gemma.checkpoints.safetensors_io import SafetensorsError
+from conftest import tiny_config
 
-TINY = dict(
-    vocabulary_size=64, num_layers=2, num_query_heads=2, num_key_value_heads=1,
-    hidden_dim=16, intermediate_dim=32, head_dim=8, use_query_key_norm=True,
-    use_post_attention_norm=True, use_post_ffw_norm=True,
+TINY = tiny_config(
+    vocabulary_size=64,
+    num_query_heads=2,
+    num_key_value_heads=1,
+    hidden_dim=16,
+    intermediate_dim=32,
+    use_query_key_norm=True,
+    use_post_attention_norm=True,
+    use_post_ffw_norm=True,
 )
 
 

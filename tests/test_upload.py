@@ -5,10 +5,15 @@ import pytest
 import keras_gemma
 from keras_gemma import GemmaBackbone
 from keras_gemma.checkpoints import upload
+from conftest import tiny_config
 
-TINY = dict(
-    vocabulary_size=64, num_layers=1, num_query_heads=2, num_key_value_heads=1,
-    hidden_dim=16, intermediate_dim=32, head_dim=8,
+TINY = tiny_config(
+    vocabulary_size=64,
+    num_layers=1,
+    num_query_heads=2,
+    num_key_value_heads=1,
+    hidden_dim=16,
+    intermediate_dim=32,
 )
 
 
