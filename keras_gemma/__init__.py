@@ -2,6 +2,7 @@
 
 from keras_gemma.backbone import GemmaBackbone
 from keras_gemma.causal_lm import GemmaCausalLM
+from keras_gemma.chat_session import ChatSession
 from keras_gemma.checkpoints.preset_cards import list_presets
 from keras_gemma.checkpoints.upload import upload_preset
 from keras_gemma.export import export_saved_model

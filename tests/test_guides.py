@@ -1,0 +1,63 @@
+"""Every guide in guides/ runs and its own assertions hold, on the current backend.
+
+The guides load Gemma 3 270M by default; here `KERAS_GEMMA_GUIDE_PRESET` points them at a
+tiny random model saved as a keras_gemma preset (with the tests' tiny SentencePiece model),
+so each guide costs seconds. The guides are run in this process with `runpy` rather than in
+a subprocess: a fresh interpreter importing Keras and a backend would cost more than the
+guide itself (export_and_serve still starts its TensorFlow subprocesses, as a user's would).
+The real 270M run of each guide is by hand: `python guides/<name>.py`.
+Guides with their own test module (LoRA, distributed) are run there.
+"""
+
+import os
+import runpy
+
+import keras
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from keras_gemma import GemmaBackbone, GemmaCausalLM, GemmaCausalLMPreprocessor, GemmaTokenizer
+
+GUIDES = os.path.join(os.path.dirname(__file__), os.pardir, "guides")
+
+
+@pytest.fixture(scope="module")
+def tiny_preset(sentencepiece_proto, tmp_path_factory):
+    backbone = GemmaBackbone(**tiny_config(vocabulary_size=1000), dtype="float32")
+    rng = np.random.default_rng(0)
+    for variable in backbone.weights:
+        variable.assign(rng.normal(0, 0.2, variable.shape).astype("float32"))
+    tokenizer = GemmaTokenizer(proto=sentencepiece_proto)
+    lm = GemmaCausalLM(backbone, GemmaCausalLMPreprocessor(tokenizer, sequence_length=64))
+    directory = str(tmp_path_factory.mktemp("guide_preset"))
+    lm.save_to_preset(directory)
+    return directory
+
+
+# export_and_serve on PyTorch takes the same path as on JAX (a preset rebuilt under TensorFlow
+# in a subprocess); tests/test_export.py covers PyTorch's export. Skipped there for CI time.
+_EXPORT_ON_TORCH = pytest.mark.skipif(
+    keras.backend.backend() == "torch", reason="same export path as JAX; saves CI time"
+)
+
+
+@pytest.mark.parametrize(
+    "name", ["getting_started", "chat", pytest.param("export_and_serve", marks=_EXPORT_ON_TORCH)]
+)
+def test_guide_runs(name, tiny_preset, monkeypatch):
+    monkeypatch.setenv("KERAS_GEMMA_GUIDE_PRESET", tiny_preset)
+    runpy.run_path(os.path.join(GUIDES, f"{name}.py"), run_name="__main__")
+    keras.backend.clear_session()
+
+
+def test_every_guide_is_tested():
+    """A new guide must be added to a test (here, or a module of its own)."""
+    tested_here = {"getting_started", "chat", "export_and_serve"}
+    tests = os.path.dirname(__file__)
+    for filename in sorted(os.listdir(GUIDES)):
+        name, extension = os.path.splitext(filename)
+        if extension != ".py":
+            continue
+        own_test = os.path.exists(os.path.join(tests, f"test_guide_{name}.py"))
+        assert name in tested_here or own_test, f"guides/{filename} is run by no test"
