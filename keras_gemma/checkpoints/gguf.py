@@ -191,15 +191,28 @@ def backbone_arguments(reader):
 
 def _tensor_pairs(backbone):
     """[(variable, GGUF tensor name, transform of the dequantized numpy array)]."""
-    from keras_gemma.checkpoints.huggingface import transformers_weight_map
+    return [(variable, name, to_ours) for variable, name, to_ours, _ in gguf_tensor_table(backbone)]
 
-    _, pairs = transformers_weight_map(backbone, ["model.embed_tokens.weight"])
+
+def gguf_tensor_table(backbone):
+    """[(variable, GGUF tensor name, to_ours, to_gguf)]: the one table both directions use.
+
+    Built on `huggingface.transformers_weight_table` (llama.cpp's Gemma layout is
+    transformers' under other names, norms stored as 1 + w); `to_ours` reads a dequantized
+    tensor into the variable's layout, `to_gguf` (keras_gemma.export) writes it back.
+
+    Example:
+    >>> [name for _, name, _, _ in gguf_tensor_table(backbone)][:2]
+    ['token_embd.weight', 'output_norm.weight']
+    """
+    from keras_gemma.checkpoints.huggingface import transformers_weight_table
+
     # Gemma 1 calls its pre-FFN norm post_attention_layernorm; Gemma 2/3 have a real one.
     post_attention = "post_attention_norm.weight" if backbone.use_post_attention_norm else (
         "ffn_norm.weight"
     )
     result = []
-    for variable, name, transform in pairs:
+    for variable, name, to_ours, to_theirs in transformers_weight_table(backbone, "model."):
         name = name[len("model."):]
         block = ""
         if name.startswith("layers."):
@@ -210,9 +223,10 @@ def _tensor_pairs(backbone):
         )
         if gguf_name.endswith("norm.weight"):
             # llama.cpp stores Gemma's RMS norm scales as 1 + w; ours is w.
-            result.append((variable, gguf_name, lambda w, t=transform: t(w) - 1.0))
+            result.append((variable, gguf_name, lambda w, t=to_ours: t(w) - 1.0,
+                           lambda w, t=to_theirs: t(w) + 1.0))
         else:
-            result.append((variable, gguf_name, transform))
+            result.append((variable, gguf_name, to_ours, to_theirs))
     return result
 
 

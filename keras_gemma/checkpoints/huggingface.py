@@ -208,31 +208,52 @@ def _language_model_prefix(names):
 def transformers_weight_map(backbone, tensor_names):
     """Pairs each backbone variable with (checkpoint name, transform from numpy)."""
     prefix = _language_model_prefix(tensor_names)
+    table = transformers_weight_table(backbone, prefix)
+    return prefix, [(variable, name, to_ours) for variable, name, to_ours, _ in table]
+
+
+def transformers_weight_table(backbone, prefix="model."):
+    """The one name and layout table between our variables and transformers' tensors.
+
+    Returns `[(variable, transformers name, to_ours, to_transformers)]`: `to_ours` turns a
+    numpy tensor read from a checkpoint into the variable's layout, `to_transformers` the
+    variable's value into the checkpoint's. Loading (here and in gguf.py) uses the first,
+    export (keras_gemma.export) the second, so the two directions cannot drift apart.
+
+    Example:
+    >>> variable, name, to_ours, to_transformers = transformers_weight_table(backbone)[2]
+    >>> name
+    'model.layers.0.input_layernorm.weight'
+    """
     heads = backbone.num_query_heads
     kv_heads = backbone.num_key_value_heads
     head_dim = backbone.head_dim
     hidden = backbone.hidden_dim
 
-    # transformers stores (out, in) like us: only the head axes need splitting out.
+    # transformers stores (out, in) like us: only the head axes need splitting out (loading)
+    # or merging back (export).
     def heads_in(count):
-        # [count * head_dim, hidden] -> [count, head_dim, hidden]
-        return lambda w: w.reshape(count, head_dim, hidden)
+        # [count * head_dim, hidden] <-> [count, head_dim, hidden]
+        return (lambda w: w.reshape(count, head_dim, hidden),
+                lambda w: w.reshape(count * head_dim, hidden))
 
-    def heads_out(w):
-        # [hidden, heads * head_dim] -> [hidden, heads, head_dim]
-        return w.reshape(hidden, heads, head_dim)
+    # [hidden, heads * head_dim] <-> [hidden, heads, head_dim]
+    heads_out = (lambda w: w.reshape(hidden, heads, head_dim),
+                 lambda w: w.reshape(hidden, heads * head_dim))
 
-    def same(w):
+    def same_fn(w):
         return w
 
-    pairs = [
+    same = (same_fn, same_fn)
+
+    entries = [
         (backbone.token_embedding.embeddings, prefix + "embed_tokens.weight", same),
         (backbone.final_normalization.scale, prefix + "norm.weight", same),
     ]
     for index, block in enumerate(backbone.transformer_layers):
         name = f"{prefix}layers.{index}."
         attention = block.attention
-        pairs += [
+        entries += [
             (block.pre_attention_norm.scale, name + "input_layernorm.weight", same),
             (attention.query_dense.kernel, name + "self_attn.q_proj.weight", heads_in(heads)),
             (attention.key_dense.kernel, name + "self_attn.k_proj.weight", heads_in(kv_heads)),
@@ -243,21 +264,22 @@ def transformers_weight_map(backbone, tensor_names):
             (block.ffw_linear.kernel, name + "mlp.down_proj.weight", same),
         ]
         if block.post_attention_norm is not None:
-            pairs += [
+            entries += [
                 (block.post_attention_norm.scale, name + "post_attention_layernorm.weight", same),
                 (block.pre_ffw_norm.scale, name + "pre_feedforward_layernorm.weight", same),
             ]
         else:
             # Gemma 1 calls its pre-FFN norm "post_attention_layernorm".
-            pairs.append((block.pre_ffw_norm.scale, name + "post_attention_layernorm.weight", same))
+            entries.append((block.pre_ffw_norm.scale, name + "post_attention_layernorm.weight", same))
         if block.post_ffw_norm is not None:
-            pairs.append((block.post_ffw_norm.scale, name + "post_feedforward_layernorm.weight", same))
+            entries.append((block.post_ffw_norm.scale, name + "post_feedforward_layernorm.weight", same))
         if attention.use_query_key_norm:
-            pairs += [
+            entries += [
                 (attention.query_norm.scale, name + "self_attn.q_norm.weight", same),
                 (attention.key_norm.scale, name + "self_attn.k_norm.weight", same),
             ]
-    return prefix, pairs
+    return [(variable, name, to_ours, to_theirs)
+            for variable, name, (to_ours, to_theirs) in entries]
 
 
 def assign_checked(variable, value, source_name):
