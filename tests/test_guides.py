@@ -13,26 +13,9 @@ import os
 import runpy
 
 import keras
-import numpy as np
 import pytest
 
-from conftest import tiny_config
-from keras_gemma import GemmaBackbone, GemmaCausalLM, GemmaCausalLMPreprocessor, GemmaTokenizer
-
 GUIDES = os.path.join(os.path.dirname(__file__), os.pardir, "guides")
-
-
-@pytest.fixture(scope="module")
-def tiny_preset(sentencepiece_proto, tmp_path_factory):
-    backbone = GemmaBackbone(**tiny_config(vocabulary_size=1000), dtype="float32")
-    rng = np.random.default_rng(0)
-    for variable in backbone.weights:
-        variable.assign(rng.normal(0, 0.2, variable.shape).astype("float32"))
-    tokenizer = GemmaTokenizer(proto=sentencepiece_proto)
-    lm = GemmaCausalLM(backbone, GemmaCausalLMPreprocessor(tokenizer, sequence_length=64))
-    directory = str(tmp_path_factory.mktemp("guide_preset"))
-    lm.save_to_preset(directory)
-    return directory
 
 
 # export_and_serve on PyTorch takes the same path as on JAX (a preset rebuilt under TensorFlow
