@@ -19,6 +19,7 @@ import os
 import sys
 import time
 
+from keras_gemma import cli_convert
 from keras_gemma.cli_chat import add_chat_command, run_chat
 
 DEFAULT_PRESET = "gemma3_270m"
@@ -74,6 +75,7 @@ def build_parser():
     export.add_argument("--sampler", choices=SAMPLERS, default="greedy",
                         help="how the served model picks tokens (default: greedy)")
     export.add_argument("--dtype", choices=DTYPES, default=None, help="dtype of the weights")
+    cli_convert.add_parser(commands)
     add_chat_command(commands, DEFAULT_PRESET, DTYPES, SAMPLERS, _positive_int)
     return parser
 
