@@ -12,10 +12,17 @@ import keras
 import numpy as np
 
 from keras_gemma.checkpoints.preset_cards import PresetMapping
+from keras_gemma.packing import pack_rows
+from keras_gemma.packing import shifted_weights
 from keras_gemma.text_inputs import in_tf_graph as _in_tf_graph
 from keras_gemma.text_inputs import to_backend
 from keras_gemma.text_inputs import to_python as _to_python
 from keras_gemma.tokenizer import GemmaTokenizer
+from keras_gemma.training_examples import is_chat_data
+from keras_gemma.training_examples import pack_chats
+from keras_gemma.training_examples import pack_pairs
+from keras_gemma.training_examples import pack_pairs_tf
+from keras_gemma.training_examples import text_fields
 
 
 def _check_sequence_length(value):
@@ -37,7 +44,16 @@ class GemmaCausalLMPreprocessor(keras.layers.Layer):
     `<bos> + ids + <eos>`, is truncated (the end token is kept) and padded to
     `sequence_length + 1`, and then `x = {"token_ids": ids[:-1], "padding_mask": mask[:-1]}`,
     `y = ids[1:]`, `sample_weight = mask[1:]`, each a tensor of the Keras backend (int32 ids,
-    bool masks). `generate_preprocess()` packs prompts for generation (a start token, no end
+    bool masks). Two other forms of training data weight the loss on the answers only (see
+    keras_gemma/training_examples.py):
+    - `{"prompts": [...], "responses": [...]}` packs `<bos> prompt response <eos>` with
+      sample_weight 0 on the prompt (as KerasHub's Gemma 3 preprocessor, trimmed alike);
+    - chat conversations, a list of `[{"role": "user", "content": ...}, {"role": "model",
+      "content": ...}, ...]` lists, are rendered with Gemma's chat template; only the model
+      turns (their text and `<end_of_turn>`) count in the loss.
+    With `packing=True`, the examples of one call are packed first-fit into as few rows as
+    hold them; `padding_mask` then holds segment ids (0 padding, k the row's k-th example), which
+    the backbone reads as "attend within your own example" (keras_gemma/packing.py). `generate_preprocess()` packs prompts for generation (a start token, no end
     token); `generate_postprocess()` turns generated ids (numpy or tensors) back into strings
     without padding, `<bos>` and `<eos>`; chat turn markers stay, as in KerasHub.
 
@@ -46,12 +62,16 @@ class GemmaCausalLMPreprocessor(keras.layers.Layer):
         sequence_length: the length of the packed model inputs.
         add_start_token: whether to put `<bos>` first.
         add_end_token: whether to put `<eos>` last when calling for training.
+        packing: pack several short examples per row for training (eager calls only).
 
     Example:
     ```python
     preprocessor = keras_gemma.GemmaCausalLMPreprocessor(tokenizer, sequence_length=8)
     x, y, sample_weight = preprocessor(["The quick brown fox.", "Hi"])
     x["token_ids"].shape                                   # (2, 8)
+    x, y, sample_weight = preprocessor({"prompts": ["Say hi:"], "responses": ["Hi!"]})
+    chat = [{"role": "user", "content": "Hi"}, {"role": "model", "content": "Hello!"}]
+    x, y, sample_weight = preprocessor([chat])             # loss on "Hello!<end_of_turn>"
     logits = lm({"token_ids": x["token_ids"], "padding_mask": keras.ops.ones_like(x["token_ids"])})
     ds = tf.data.Dataset.from_tensor_slices(texts).batch(4).map(preprocessor)
     prompt = preprocessor.generate_preprocess(["Say hi:"])  # <bos> + ids, no <eos>
@@ -79,7 +99,7 @@ class GemmaCausalLMPreprocessor(keras.layers.Layer):
         settings = {
             key: value
             for key, value in settings.items()
-            if key in ("sequence_length", "add_start_token", "add_end_token")
+            if key in ("sequence_length", "add_start_token", "add_end_token", "packing")
         }
         if sequence_length is not None:
             settings["sequence_length"] = sequence_length
@@ -104,6 +124,7 @@ class GemmaCausalLMPreprocessor(keras.layers.Layer):
         sequence_length=1024,
         add_start_token=True,
         add_end_token=True,
+        packing=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -124,6 +145,7 @@ class GemmaCausalLMPreprocessor(keras.layers.Layer):
         self.sequence_length = sequence_length
         self.add_start_token = bool(add_start_token)
         self.add_end_token = bool(add_end_token)
+        self.packing = bool(packing)
 
     @property
     def sequence_length(self):
@@ -143,9 +165,45 @@ class GemmaCausalLMPreprocessor(keras.layers.Layer):
             )
         length = self._length(sequence_length)
         # One extra position, because the inputs and the labels are the same ids shifted by one.
-        ids, mask = self._pack(x, length + 1, self.add_start_token, self.add_end_token)
-        x = {"token_ids": ids[..., :-1], "padding_mask": mask[..., :-1]}
-        return self._outputs(keras.utils.pack_x_y_sample_weight(x, ids[..., 1:], mask[..., 1:]))
+        ids, mask, trained = self._pack_training(x, length + 1)
+        if self.packing:
+            if _in_tf_graph():
+                raise ValueError(
+                    f"{type(self).__name__}(packing=True) packs a whole list of examples "
+                    "eagerly; it cannot run inside tf.data. Pass Python lists to `fit`, or "
+                    "use packing=False in a tf.data pipeline."
+                )
+            if ids.ndim == 1:
+                ids, mask, trained = ids[None], mask[None], trained[None]
+            ids, segments, trained = pack_rows(ids, mask, trained)
+            x = {"token_ids": ids[..., :-1], "padding_mask": segments[..., :-1]}
+            weights = shifted_weights(segments, trained)
+        else:
+            x = {"token_ids": ids[..., :-1], "padding_mask": mask[..., :-1]}
+            weights = trained[..., 1:]
+        return self._outputs(keras.utils.pack_x_y_sample_weight(x, ids[..., 1:], weights))
+
+    def _pack_training(self, x, length):
+        """(ids, mask, trained) of length `length` for strings, prompts/responses or chats."""
+        start = [self.tokenizer.start_token_id] if self.add_start_token else []
+        end = [self.tokenizer.end_token_id] if self.add_end_token else []
+        if isinstance(x, dict):
+            prompts, responses = self._text_fields(x, need_responses=True)
+            return self._pack_pair(prompts, responses, length, start, end)
+        if is_chat_data(x):
+            return pack_chats(self.tokenizer, x, length, start, end)
+        ids, mask = self._pack(x, length, self.add_start_token, self.add_end_token)
+        return ids, mask, mask
+
+    def _text_fields(self, x, need_responses):
+        """(prompts, responses) of a dict input; subclasses check their own extra keys."""
+        return text_fields(x, type(self).__name__, need_responses)
+
+    def _pack_pair(self, prompts, responses, length, start, end):
+        """`start prompt response end` padded to `length`: (ids, mask, response mask)."""
+        if _in_tf_graph():
+            return pack_pairs_tf(self.tokenizer, prompts, responses, length, start, end)
+        return pack_pairs(self.tokenizer, prompts, responses, length, start, end)
 
     def generate_preprocess(self, x, sequence_length=None):
         """Strings -> `{"token_ids", "padding_mask"}` for generation: `<bos>`, no `<eos>`."""
@@ -247,6 +305,7 @@ class GemmaCausalLMPreprocessor(keras.layers.Layer):
                 "sequence_length": self.sequence_length,
                 "add_start_token": self.add_start_token,
                 "add_end_token": self.add_end_token,
+                "packing": self.packing,
             }
         )
         return config

@@ -224,3 +224,73 @@ def test_config_round_trip(preprocessor):
         assert np.array_equal(to_numpy(a), to_numpy(b))
     again = GemmaCausalLMPreprocessor.from_config(preprocessor.get_config())
     assert np.array_equal(to_numpy(again(CORPUS)[1]), to_numpy(preprocessor(CORPUS)[1]))
+
+
+PAIRS = {
+    "prompts": ["The quick brown fox jumped over the lazy dog", "hi", "a b"],
+    "responses": ["ok", "The quick brown fox jumped over the lazy dog again", ""],
+}
+
+
+def test_prompts_and_responses_match_keras_hub(sentencepiece_proto, tokenizer):
+    """KerasHub 0.32 takes `{"prompts", "responses"}` in its Gemma 3 preprocessor (its Gemma
+    one refuses a dict); ours gives the same ids, masks, labels and weights for both."""
+    keras_hub = pytest.importorskip("keras_hub")
+    tf = pytest.importorskip("tensorflow")
+    reference_tokenizer = keras_hub.models.Gemma3Tokenizer(
+        proto=sentencepiece_proto, has_vision_tokens=False
+    )
+    for length in (6, 9, 24):  # trimmed in turn (an odd budget too), and all fitting
+        reference = keras_hub.models.Gemma3CausalLMPreprocessor(
+            tokenizer=reference_tokenizer, sequence_length=length
+        )
+        ours = GemmaCausalLMPreprocessor(tokenizer, sequence_length=length)
+        out, expected = ours(dict(PAIRS)), reference(dict(PAIRS))
+        for a, b in zip(keras.tree.flatten(out), keras.tree.flatten(expected)):
+            assert str(a.dtype) == str(b.dtype)
+            np.testing.assert_array_equal(to_numpy(a), to_numpy(b))
+        weights = to_numpy(out[2])
+        assert weights.any() and not weights.all()
+        graph = next(iter(tf.data.Dataset.from_tensor_slices(PAIRS).batch(3).map(ours)))
+        for a, b in zip(keras.tree.flatten(graph), keras.tree.flatten(out)):
+            np.testing.assert_array_equal(a.numpy(), to_numpy(b))
+    with pytest.raises(ValueError, match='"prompts" and "responses"'):
+        ours({"prompts": ["a"]})
+    with pytest.raises(ValueError, match="same length"):
+        ours({"prompts": ["a", "b"], "responses": ["c"]})
+
+
+def test_chat_conversations_train_on_model_turns_only(tokenizer):
+    preprocessor = GemmaCausalLMPreprocessor(tokenizer, sequence_length=64)
+    chat = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "hello world"},
+        {"role": "model", "content": "The quick fox."},
+        {"role": "user", "content": "a b"},
+        {"role": "model", "content": "lazy dog"},
+    ]
+    x, y, weights = _numpy(preprocessor([chat, chat[:3]]))
+    # The tokens are the chat template's text tokenized whole, between <bos> and <eos>.
+    text = tokenizer.apply_chat_template(chat, add_generation_prompt=False)
+    expected = [BOS] + tokenizer(text).tolist() + [EOS]
+    assert x["token_ids"][0][: len(expected) - 1].tolist() == expected[:-1]
+    assert y[0][: len(expected) - 1].tolist() == expected[1:]
+    # The loss sees the model turns' text, their <end_of_turn>\n, and <eos> after them.
+    trained = y[0][weights[0]].tolist()
+    assert trained[-1] == EOS
+    assert tokenizer.detokenize(trained[:-1]) == "The quick fox.<end_of_turn>\nlazy dog<end_of_turn>\n"
+    assert tokenizer.detokenize(y[1][weights[1]].tolist()).startswith("The quick fox.")
+    with pytest.raises(ValueError, match="alternate"):
+        preprocessor([[{"role": "model", "content": "hi"}]])
+
+
+def test_fit_data_of_prompts_and_responses_masks_prompts(tokenizer):
+    from keras_gemma.generation.training_data import preprocess_for_training
+
+    preprocessor = GemmaCausalLMPreprocessor(tokenizer, sequence_length=16)
+    data = {"prompts": np.array(PAIRS["prompts"]), "responses": PAIRS["responses"]}
+    x, y, weights, _ = preprocess_for_training(preprocessor, data, None, None, None)
+    assert isinstance(x["token_ids"], np.ndarray) and x["token_ids"].shape == (3, 16)
+    prompt = tokenizer(PAIRS["prompts"][1]).tolist()
+    # "hi": <bos> and the prompt predict nothing that counts; the response's first token does.
+    assert not weights[1][: len(prompt)].any() and weights[1][len(prompt)]

@@ -3,6 +3,8 @@
 import keras
 import numpy as np
 
+from keras_gemma.training_examples import is_chat_data
+
 
 def _is_string_data(x):
     if isinstance(x, (str, bytes)):
@@ -13,6 +15,19 @@ def _is_string_data(x):
         return len(x) > 0 and all(isinstance(v, (str, bytes)) for v in x)
     dtype = getattr(x, "dtype", None)
     return dtype is not None and "string" in str(dtype)
+
+
+def _string_list(value):
+    if isinstance(value, np.ndarray):
+        return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in value.tolist()]
+    return value
+
+
+def _is_structured_data(x):
+    """`{"prompts", "responses"}` of strings, or chat conversations (lists of role dicts)."""
+    if isinstance(x, dict):
+        return "prompts" in x and _is_string_data(x["prompts"])
+    return is_chat_data(x)
 
 
 def _is_tf_dataset(x):
@@ -47,6 +62,12 @@ def preprocess_for_training(preprocessor, x, y, sample_weight, batch_size):
             return preprocessor(element[0])
 
         return x.map(apply, num_parallel_calls=tf.data.AUTOTUNE), None, None, None
+    if _is_structured_data(x):
+        if isinstance(x, dict):
+            x = {key: _string_list(value) for key, value in x.items()}
+        packed = keras.tree.map_structure(keras.ops.convert_to_numpy, preprocessor(x))
+        features, labels, weights = packed
+        return features, labels, weights, batch_size
     if _is_string_data(x):
         if isinstance(x, (str, bytes)):
             x = [x]

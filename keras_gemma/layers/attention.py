@@ -6,6 +6,7 @@ from keras import ops
 from keras_gemma.layers.decode_matmul import decode_matmul
 from keras_gemma.layers.decode_matmul import is_decode_step
 from keras_gemma.layers.initialization import initializer
+from keras_gemma.layers.lora_einsum import GemmaEinsumDense
 from keras_gemma.layers.normalization import RMSNormalization
 from keras_gemma.layers.rotary import rotary_embedding
 
@@ -41,6 +42,35 @@ def compute_attention_mask(
         keys_present = ops.expand_dims(ops.cast(padding_mask, "bool"), 1)
         mask = ops.logical_and(mask, keys_present)
     return mask
+
+
+def segment_mask_and_positions(padding_mask):
+    """Attention visibility [batch, query, key] and rotary positions [batch, seq] of a
+    `padding_mask` that may hold segment ids (packed training rows, keras_gemma/packing.py).
+
+    0 is padding and k > 0 the k-th example of the row. A query of example k sees the keys of
+    example k only (the caller adds causality and the window); a padding query sees every real
+    key, as it always has. A token of example k >= 2 sits at position "tokens of example k
+    before it", so each example starts again at 0; example 1 and padding keep their index.
+    For a 0/1 mask this is exactly the ordinary padding mask and positions 0, 1, 2, ...
+
+    Example:
+    >>> visible, positions = segment_mask_and_positions(ops.array([[1, 1, 2, 2, 2, 0]]))
+    >>> positions    # [[0, 1, 0, 1, 2, 5]]
+    """
+    segments = ops.cast(padding_mask, "int32")
+    length = ops.shape(segments)[1]
+    # same[b, q, k]: query q and key k are in the same segment.
+    same = ops.equal(ops.expand_dims(segments, 2), ops.expand_dims(segments, 1))
+    query_is_padding = ops.expand_dims(ops.equal(segments, 0), 2)
+    key_is_real = ops.expand_dims(ops.not_equal(segments, 0), 1)
+    visible = ops.logical_and(ops.logical_or(same, query_is_padding), key_is_real)
+    index = ops.arange(length, dtype="int32")
+    # earlier[q, k]: key k comes before query q.
+    earlier = ops.less(ops.expand_dims(index, 0), ops.expand_dims(index, 1))
+    before_in_segment = ops.sum(ops.cast(ops.logical_and(same, earlier), "int32"), axis=2)
+    positions = ops.where(ops.greater(segments, 1), before_in_segment, ops.expand_dims(index, 0))
+    return visible, positions
 
 
 def _project_to_heads(dense, inputs):
@@ -137,7 +167,7 @@ class GemmaAttention(keras.layers.Layer):
     def build(self, input_shape):
         hidden_dim = input_shape[-1]
         policy = self.dtype_policy
-        self.query_dense = keras.layers.EinsumDense(
+        self.query_dense = GemmaEinsumDense(
             "btd,nhd->btnh",
             output_shape=(None, self.num_query_heads, self.head_dim),
             kernel_initializer=initializer("glorot_uniform"),
@@ -145,7 +175,7 @@ class GemmaAttention(keras.layers.Layer):
             name="query",
         )
         self.query_dense.build(input_shape)
-        self.key_dense = keras.layers.EinsumDense(
+        self.key_dense = GemmaEinsumDense(
             "btd,khd->btkh",
             output_shape=(None, self.num_key_value_heads, self.head_dim),
             kernel_initializer=initializer("glorot_uniform"),
@@ -153,7 +183,7 @@ class GemmaAttention(keras.layers.Layer):
             name="key",
         )
         self.key_dense.build(input_shape)
-        self.value_dense = keras.layers.EinsumDense(
+        self.value_dense = GemmaEinsumDense(
             "btd,khd->btkh",
             output_shape=(None, self.num_key_value_heads, self.head_dim),
             kernel_initializer=initializer("glorot_uniform"),
@@ -161,7 +191,7 @@ class GemmaAttention(keras.layers.Layer):
             name="value",
         )
         self.value_dense.build(input_shape)
-        self.output_dense = keras.layers.EinsumDense(
+        self.output_dense = GemmaEinsumDense(
             "btnh,dnh->btd",
             output_shape=(None, hidden_dim),
             kernel_initializer=initializer("glorot_uniform"),
@@ -182,19 +212,28 @@ class GemmaAttention(keras.layers.Layer):
         self.built = True
 
     def call(
-        self, inputs, attention_mask, cache=None, cache_update_index=0, training=False
+        self,
+        inputs,
+        attention_mask,
+        cache=None,
+        cache_update_index=0,
+        training=False,
+        positions=None,
     ):
         """Attends `inputs` [batch, seq, hidden] under `attention_mask` [batch, seq, keys].
 
         Without a cache the keys are the inputs themselves. With a cache
         [batch, 2, max_length, kv_heads, head_dim], this call's keys and values are written
         at `cache_update_index` and attention runs over the whole cache; the updated cache is
-        returned with the output.
+        returned with the output. `positions` [batch, seq] overrides the rotary positions
+        (packed rows restart them per example); by default they count from
+        `cache_update_index`.
         """
-        query_length = ops.shape(inputs)[1]
-        positions = ops.arange(query_length, dtype="int32") + ops.cast(
-            cache_update_index, "int32"
-        )
+        if positions is None:
+            query_length = ops.shape(inputs)[1]
+            positions = ops.arange(query_length, dtype="int32") + ops.cast(
+                cache_update_index, "int32"
+            )
         query = _project_to_heads(self.query_dense, inputs)
         key = _project_to_heads(self.key_dense, inputs)
         value = _project_to_heads(self.value_dense, inputs)

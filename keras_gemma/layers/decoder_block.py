@@ -3,6 +3,7 @@
 import keras
 
 from keras_gemma.layers.attention import GemmaAttention, compute_attention_mask
+from keras_gemma.layers.attention import segment_mask_and_positions
 from keras_gemma.layers.feed_forward import build_feed_forward
 from keras_gemma.layers.feed_forward import feed_forward_projections
 from keras_gemma.layers.feed_forward import gated_feed_forward
@@ -126,17 +127,28 @@ class GemmaDecoderBlock(keras.layers.Layer):
 
         `padding_mask` [batch, keys] marks real tokens (keys are the inputs, or the cache's
         positions when a cache [batch, 2, max_length, kv_heads, head_dim] is given). With a
-        cache, returns `(outputs, updated_cache)`.
+        cache, returns `(outputs, updated_cache)`. Without a cache (training, scoring) the
+        mask may hold segment ids of packed examples (see `segment_mask_and_positions`).
         """
         query_length = keras.ops.shape(inputs)[1]
-        key_length = query_length if cache is None else keras.ops.shape(cache)[2]
-        mask = compute_attention_mask(
-            query_length,
-            key_length,
-            start_index=cache_update_index,
-            padding_mask=padding_mask,
-            sliding_window_size=self.sliding_window_size,
-        )
+        positions = None
+        if cache is None:
+            # The full-sequence path reads segment ids; the cached (generation) path keeps its
+            # ops as they were, so decoding costs nothing for packing.
+            mask = compute_attention_mask(
+                query_length, query_length, sliding_window_size=self.sliding_window_size
+            )
+            if padding_mask is not None:
+                visible, positions = segment_mask_and_positions(padding_mask)
+                mask = keras.ops.logical_and(mask, visible)
+        else:
+            mask = compute_attention_mask(
+                query_length,
+                keras.ops.shape(cache)[2],
+                start_index=cache_update_index,
+                padding_mask=padding_mask,
+                sliding_window_size=self.sliding_window_size,
+            )
         x = self.pre_attention_norm(inputs)
         attended = self.attention(
             x,
@@ -144,6 +156,7 @@ class GemmaDecoderBlock(keras.layers.Layer):
             cache=cache,
             cache_update_index=cache_update_index,
             training=training,
+            positions=positions,
         )
         if cache is not None:
             attended, cache = attended
