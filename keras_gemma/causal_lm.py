@@ -244,6 +244,30 @@ class GemmaCausalLM(GenerationMethods, keras.Model):
 
         return export_saved_model(self, path, max_length=max_length, sampler=sampler)
 
+    def export_to_transformers(self, path, dtype=None):
+        """Writes a transformers directory (config, safetensors, tokenizer) that
+        `transformers.AutoModelForCausalLM.from_pretrained(path)` loads with no code of ours.
+
+        KerasHub's name. `dtype` ("float32", "bfloat16", "float16") picks the saved weights'
+        dtype (default: the model's). See `keras_gemma.export.transformers_export`.
+
+        Example:
+        >>> lm.export_to_transformers("./gemma_hf")
+        """
+        from keras_gemma.export.transformers_export import export_to_transformers
+
+        return export_to_transformers(self, path, dtype=dtype)
+
+    def export_to_gguf(self, path, dtype="f16"):
+        """Writes a GGUF file (tokenizer included) for llama.cpp: dtype "f16", "bf16" or "q8_0".
+
+        Example:
+        >>> lm.export_to_gguf("gemma-q8_0.gguf", dtype="q8_0")
+        """
+        from keras_gemma.export.gguf_export import export_to_gguf
+
+        return export_to_gguf(self, path, dtype=dtype)
+
     def quantize(self, mode=None, **kwargs):
         """Keras' `Model.quantize` (e.g. "int8"); compiled generate functions are rebuilt."""
         super().quantize(mode, **kwargs)
