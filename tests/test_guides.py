@@ -26,7 +26,13 @@ _EXPORT_ON_TORCH = pytest.mark.skipif(
 
 
 @pytest.mark.parametrize(
-    "name", ["getting_started", "chat", pytest.param("export_and_serve", marks=_EXPORT_ON_TORCH)]
+    "name",
+    [
+        "getting_started",
+        "chat",
+        "loading_checkpoints",
+        pytest.param("export_and_serve", marks=_EXPORT_ON_TORCH),
+    ],
 )
 def test_guide_runs(name, tiny_preset, monkeypatch):
     monkeypatch.setenv("KERAS_GEMMA_GUIDE_PRESET", tiny_preset)
@@ -36,7 +42,7 @@ def test_guide_runs(name, tiny_preset, monkeypatch):
 
 def test_every_guide_is_tested():
     """A new guide must be added to a test (here, or a module of its own)."""
-    tested_here = {"getting_started", "chat", "export_and_serve"}
+    tested_here = {"getting_started", "chat", "loading_checkpoints", "export_and_serve"}
     tests = os.path.dirname(__file__)
     for filename in sorted(os.listdir(GUIDES)):
         name, extension = os.path.splitext(filename)
