@@ -9,6 +9,7 @@ from keras_gemma.checkpoints.preset_cards import PresetMapping
 from keras_gemma.layers.decoder_block import GemmaDecoderBlock
 from keras_gemma.layers.initialization import initializer
 from keras_gemma.layers.normalization import RMSNormalization
+from keras_gemma.layers.tied_embedding import GemmaReversibleEmbedding
 from keras_gemma.lora import LoraMethods
 
 
@@ -105,7 +106,7 @@ class GemmaBackbone(LoraMethods, keras.Model):
 
         # Layers are made as locals and attached after Model.__init__: the torch backend
         # refuses module attributes before it.
-        token_embedding = keras.layers.ReversibleEmbedding(
+        token_embedding = GemmaReversibleEmbedding(
             input_dim=vocabulary_size,
             output_dim=hidden_dim,
             tie_weights=True,

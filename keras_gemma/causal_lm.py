@@ -273,6 +273,16 @@ class GemmaCausalLM(GenerationMethods, keras.Model):
         super().quantize(mode, **kwargs)
         self.generator.reset()
 
+    def merge_lora(self):
+        """`backbone.merge_lora()`: folds LoRA into the kernels; generate functions are rebuilt.
+
+        Example:
+        >>> lm.backbone.enable_lora(rank=4); lm.fit(data)
+        >>> lm.merge_lora(); lm.save_to_preset("./merged")
+        """
+        self.backbone.merge_lora()
+        self.generator.reset()
+
     def score(
         self,
         token_ids,

@@ -2,10 +2,17 @@
 
 The factors are Keras' own (`EinsumDense.enable_lora`): `lora_kernel_a` has the kernel's
 leading axes and `lora_kernel_b` its last axis, whatever the kernel's layout, so `a @ b`
-is a rank-`rank` update of the kernel.
+is a rank-`rank` update of the kernel. Our kernels are stored (out, in), so for the query,
+key, value and feed-forward projections `b` is the input-side factor (peft's `lora_A`) and
+`a` the output-side one (peft's `lora_B`). After `model.quantize("int8")`, the LoRA term runs
+through `GemmaEinsumDense` (layers/lora_einsum.py), which never forms the full `a @ b`.
+
+Memory: Keras builds optimizer slots for `trainable_variables` only and differentiates with
+respect to them only, so the frozen base weights get neither slots nor gradients.
 """
 
 import keras
+from keras import ops
 
 
 class LoraMethods:
@@ -41,6 +48,35 @@ class LoraMethods:
         for layer in targets:
             layer.trainable = True  # before enable_lora, which then freezes the kernel
             layer.enable_lora(rank)
+
+    def merge_lora(self):
+        """Folds each LoRA update into its kernel and removes the LoRA variables.
+
+        Float kernels become `kernel + alpha / rank * a @ b` (summed in float32, stored in the
+        kernel's dtype); int8 kernels are dequantized, updated and requantized with a new
+        scale (Keras' `_get_kernel_with_merged_lora`, as Keras does when saving). Afterwards
+        the backbone is a plain model again: no LoRA variables, every layer trainable, the
+        same logits (up to requantization for int8), ready for `save_to_preset` or export.
+        `compile()` again before training it further.
+
+        Example:
+        >>> backbone.enable_lora(rank=4)
+        >>> lm.fit(data)
+        >>> backbone.merge_lora()
+        >>> [v.name for v in backbone.weights if "lora" in v.name]
+        []
+        """
+        layers = [
+            layer
+            for layer in self._flatten_layers(include_self=False)
+            if getattr(layer, "lora_enabled", False)
+        ]
+        if not layers:
+            raise ValueError("This backbone has no LoRA weights to merge; enable_lora first.")
+        for layer in layers:
+            _merge_layer(layer)
+        for layer in self._flatten_layers(include_self=True):
+            layer.trainable = True
 
     def _lora_variables(self):
         variables = [v for v in self.weights if v.name in ("lora_kernel_a", "lora_kernel_b")]
@@ -96,3 +132,26 @@ class LoraMethods:
                     f"{tuple(variable.shape)} in the model (a different LoRA rank?)."
                 )
             variable.assign(value)
+
+
+def _merge_layer(layer):
+    mode = layer.quantization_mode
+    if mode is None:
+        update = ops.matmul(layer.lora_kernel_a, layer.lora_kernel_b)
+        scale = layer.lora_alpha / layer.lora_rank
+        merged = ops.add(ops.cast(layer._kernel, "float32"), scale * update)
+        layer._kernel.assign(ops.cast(merged, layer._kernel.dtype))
+        layer._kernel.trainable = True  # enable_lora froze it
+    elif mode == "int8":
+        kernel, scale, _ = layer._get_kernel_with_merged_lora()
+        layer._kernel.assign(kernel)
+        layer.kernel_scale.assign(scale)
+    else:
+        raise NotImplementedError(
+            f"merge_lora: {layer.name} is quantized as {mode}; float and int8 kernels only."
+        )
+    # Layer.__delattr__ untracks the variables (and, on torch, the module parameters).
+    del layer.lora_kernel_a
+    del layer.lora_kernel_b
+    layer.lora_enabled = False
+    layer.lora_rank = None

@@ -12,6 +12,7 @@ from keras import ops
 from keras_gemma.layers.decode_matmul import decode_matmul
 from keras_gemma.layers.decode_matmul import is_decode_step
 from keras_gemma.layers.initialization import initializer
+from keras_gemma.layers.lora_einsum import GemmaEinsumDense
 
 
 def feed_forward_projections(hidden_dim, intermediate_dim, dtype):
@@ -29,7 +30,7 @@ def feed_forward_projections(hidden_dim, intermediate_dim, dtype):
     width = intermediate_dim // 2
 
     def dense(equation, output_width, name):
-        return keras.layers.EinsumDense(
+        return GemmaEinsumDense(
             equation,
             output_shape=(None, output_width),
             kernel_initializer=initializer("glorot_uniform"),
