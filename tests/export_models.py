@@ -67,3 +67,40 @@ def transformers_logits(model, token_ids, padding_mask):
         output = model(input_ids=torch.tensor(token_ids, dtype=torch.long),
                        attention_mask=torch.tensor(padding_mask, dtype=torch.long))
     return output.logits.float().numpy()
+
+
+def transformers_model(generation, seed=0):
+    """transformers' own tiny model of `generation`, with the shapes of ARCHITECTURES (so
+    JAX reuses the compiled ops) and what a GGUF file can state: query scaling by head_dim."""
+    import torch
+    import transformers
+
+    arguments = ARCHITECTURES[generation]
+    common = dict(vocab_size=VOCAB, hidden_size=arguments["hidden_dim"],
+                  intermediate_size=arguments["intermediate_dim"] // 2,
+                  num_attention_heads=arguments["num_query_heads"],
+                  num_key_value_heads=arguments["num_key_value_heads"],
+                  head_dim=arguments["head_dim"], num_hidden_layers=arguments["num_layers"],
+                  rms_norm_eps=1e-6)
+    if generation == "gemma2":
+        config = transformers.Gemma2Config(
+            query_pre_attn_scalar=arguments["head_dim"], sliding_window=WINDOW,
+            attn_logit_softcapping=4.0, final_logit_softcapping=3.0, **common)
+        model_class = transformers.Gemma2ForCausalLM
+    elif generation == "gemma3":
+        config = transformers.Gemma3TextConfig(
+            query_pre_attn_scalar=arguments["head_dim"], sliding_window=WINDOW,
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 8.0},
+            }, **common)
+        model_class = transformers.Gemma3ForCausalLM
+    else:
+        config, model_class = transformers.GemmaConfig(**common), transformers.GemmaForCausalLM
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            parameter.normal_(0.0, 0.3 if "norm" in name else 0.15)
+    return model

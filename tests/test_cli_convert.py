@@ -49,9 +49,7 @@ def test_unknown_source_is_a_clear_error(capsys, tmp_path):
 
 def test_transformers_directory_to_keras_gemma(tmp_path, capsys):
     pytest.importorskip("transformers")
-    import gguf_files
-
-    model = gguf_files.transformers_model("gemma2", width=4)
+    model = export_models.transformers_model("gemma2")
     model.save_pretrained(tmp_path / "hf")
     path = _convert(capsys, str(tmp_path / "hf"), str(tmp_path / "ours"))
     assert os.path.exists(os.path.join(path, "config.json"))
@@ -64,10 +62,16 @@ def test_transformers_directory_to_keras_gemma(tmp_path, capsys):
 
 
 def test_keras_hub_preset_to_keras_gemma(tmp_path, capsys, sentencepiece_proto):
-    pytest.importorskip("keras_hub")
+    keras_hub = pytest.importorskip("keras_hub")
     import keras_hub_models
 
-    reference = keras_hub_models.keras_hub_causal_lm("gemma2", sentencepiece_proto)
+    arguments = {k: v for k, v in export_models.ARCHITECTURES["gemma2"].items()
+                 if k != "sliding_window_pattern"}
+    backbone = keras_hub.models.GemmaBackbone(**arguments)
+    keras_hub_models.randomize(backbone)
+    tokenizer = keras_hub.models.GemmaTokenizer(proto=sentencepiece_proto)
+    preprocessor = keras_hub.models.GemmaCausalLMPreprocessor(tokenizer, sequence_length=16)
+    reference = keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=preprocessor)
     reference.save_to_preset(str(tmp_path / "keras_hub"))
     path = _convert(capsys, str(tmp_path / "keras_hub"), str(tmp_path / "ours"))
     assert os.path.exists(os.path.join(path, "tokenizer.model"))
@@ -85,7 +89,7 @@ def test_gguf_file_to_keras_gemma(tmp_path, capsys, sentencepiece_proto):
 
     with open(sentencepiece_proto, "rb") as file:
         proto = file.read()
-    model = gguf_files.transformers_model("gemma3", width=4)
+    model = export_models.transformers_model("gemma3")
     source = gguf_files.write_gguf(tmp_path / "tiny.gguf", model, "gemma3", proto,
                                    {"*": "Q8_0"})
     path = _convert(capsys, source, str(tmp_path / "ours"), "--dtype", "float32")

@@ -47,22 +47,40 @@ def test_logits_match_transformers(exported):
     np.testing.assert_allclose(ours[present], theirs[present], atol=1e-5, rtol=0)
 
 
-def test_greedy_ids_match_transformers(exported):
-    import torch
-
-    _, lm, _, model = exported
-    prompt = np.array([[2, 17, 301, 45, 9]], "int32")
-    new = 8
+def _greedy_by_logits(backbone, prompt, new):
+    """Greedy ids from full forward passes over one fixed-width array (no recompiles)."""
     width = prompt.shape[1] + new
     token_ids = np.zeros((1, width), "int32")
     token_ids[:, :prompt.shape[1]] = prompt
-    mask = np.zeros_like(token_ids)
-    mask[:, :prompt.shape[1]] = 1
-    ours = lm.generate({"token_ids": token_ids, "padding_mask": mask}, stop_token_ids=None)
+    for length in range(prompt.shape[1], width):
+        mask = (np.arange(width) < length).astype("int32")[None]
+        logits = export_models.logits(backbone, token_ids, mask)
+        token_ids[0, length] = logits[0, length - 1].argmax()
+    return token_ids
+
+
+def test_greedy_ids_match_transformers(exported):
+    import torch
+
+    generation, lm, _, model = exported
+    prompt = np.array([[2, 17, 301, 45, 9]], "int32")
+    new = 8
     with torch.no_grad():
         theirs = model.generate(torch.tensor(prompt, dtype=torch.long), do_sample=False,
-                                max_new_tokens=new, min_new_tokens=new)
-    np.testing.assert_array_equal(np.asarray(ours["token_ids"]), theirs.numpy())
+                                max_new_tokens=new, min_new_tokens=new).numpy()
+    if generation == "gemma3":
+        # Through generate() itself once (its KV cache and compiled loop cost a compile per
+        # model; tests/test_generation.py shows every decode path gives the same tokens).
+        width = prompt.shape[1] + new
+        token_ids = np.zeros((1, width), "int32")
+        token_ids[:, :prompt.shape[1]] = prompt
+        mask = (np.arange(width) < prompt.shape[1]).astype("int32")[None]
+        ours = lm.generate({"token_ids": token_ids, "padding_mask": mask}, stop_token_ids=None)
+        ours = np.asarray(ours["token_ids"])
+    else:
+        ours = _greedy_by_logits(lm.backbone, prompt, new)
+    np.testing.assert_array_equal(ours, theirs)
+    assert len(set(theirs[0, prompt.shape[1]:].tolist())) > 1  # not one repeated token
 
 
 def test_files_and_round_trip(exported):
