@@ -50,12 +50,12 @@ def test_logits_match_transformers(exported):
 def _greedy_by_logits(backbone, prompt, new):
     """Greedy ids from full forward passes over one fixed-width array (no recompiles)."""
     width = prompt.shape[1] + new
-    token_ids = np.zeros((1, width), "int32")
+    token_ids = np.zeros((len(prompt), width), "int32")
     token_ids[:, :prompt.shape[1]] = prompt
     for length in range(prompt.shape[1], width):
-        mask = (np.arange(width) < length).astype("int32")[None]
+        mask = np.repeat((np.arange(width) < length).astype("int32")[None], len(prompt), axis=0)
         logits = export_models.logits(backbone, token_ids, mask)
-        token_ids[0, length] = logits[0, length - 1].argmax()
+        token_ids[:, length] = logits[:, length - 1].argmax(-1)
     return token_ids
 
 
@@ -63,8 +63,9 @@ def test_greedy_ids_match_transformers(exported):
     import torch
 
     generation, lm, _, model = exported
-    prompt = np.array([[2, 17, 301, 45, 9]], "int32")
-    new = 8
+    # The width of export_models.batch(): JAX reuses the ops compiled for the logits test.
+    prompt = np.array([[2, 17, 301, 45, 9], [2, 880, 3, 77, 512]], "int32")
+    new = 6
     with torch.no_grad():
         theirs = model.generate(torch.tensor(prompt, dtype=torch.long), do_sample=False,
                                 max_new_tokens=new, min_new_tokens=new).numpy()
@@ -72,9 +73,9 @@ def test_greedy_ids_match_transformers(exported):
         # Through generate() itself once (its KV cache and compiled loop cost a compile per
         # model; tests/test_generation.py shows every decode path gives the same tokens).
         width = prompt.shape[1] + new
-        token_ids = np.zeros((1, width), "int32")
+        token_ids = np.zeros((2, width), "int32")
         token_ids[:, :prompt.shape[1]] = prompt
-        mask = (np.arange(width) < prompt.shape[1]).astype("int32")[None]
+        mask = np.repeat((np.arange(width) < prompt.shape[1]).astype("int32")[None], 2, axis=0)
         ours = lm.generate({"token_ids": token_ids, "padding_mask": mask}, stop_token_ids=None)
         ours = np.asarray(ours["token_ids"])
     else:
@@ -126,6 +127,14 @@ def test_tokenizer_loads_in_transformers(exported, sentencepiece_proto):
     assert differ == known and len(differ) < 0.05 * len(CORPUS)
     text = "The quick brown fox"
     assert theirs.decode(theirs(text, add_special_tokens=False).input_ids) == text
+    chat = [{"role": "system", "content": "Be brief. "}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Why?"}]
+    expected = "<bos>" + ours.apply_chat_template(chat)
+    assert theirs.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == expected
+    assert theirs.apply_chat_template(chat[1:2], tokenize=False, add_generation_prompt=False) == (
+        "<bos><start_of_turn>user\nHi<end_of_turn>\n")
+    assert theirs.decode(theirs("<start_of_turn>user", add_special_tokens=False).input_ids,
+                         skip_special_tokens=True) == "user"
 
 
 def test_backbone_with_tokenizer_in_bfloat16(sentencepiece_proto, tmp_path):

@@ -103,13 +103,37 @@ def transformers_config(backbone, tokenizer=None, dtype="float32"):
     return config
 
 
+# Gemma's turn format, written for transformers' apply_chat_template (Jinja): the same text
+# as GemmaTokenizer.apply_chat_template, with <bos> in front, since transformers tokenizes a
+# templated chat without adding special tokens. A system message is folded into the first
+# user turn (Gemma has no system role); "assistant" is Gemma's "model".
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- set ns = namespace(system='', turns=messages) -%}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set ns.system = messages[0]['content'] | trim + '\n\n' -%}"
+    "{%- set ns.turns = messages[1:] -%}"
+    "{%- endif -%}"
+    "{%- for message in ns.turns -%}"
+    "{%- set role = 'model' if message['role'] in ['assistant', 'model'] else message['role'] -%}"
+    "{%- if (role == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Gemma chat roles must alternate user/model, starting with user.') }}"
+    "{%- endif -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (ns.system if loop.first else '')"
+    " + message['content'] | trim + '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
+
+
 def _tokenizer_files(tokenizer, ids):
     """{file name: JSON dict} of the tokenizer besides tokenizer.model."""
     vocabulary = tokenizer.get_vocabulary()
     special = {"bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>",
                "pad_token": "<pad>"}
     # The chat markers are special in Gemma's own transformers tokenizer: they are skipped by
-    # decode(skip_special_tokens=True) and never split.
+    # decode(skip_special_tokens=True) and never split. "additional_special_tokens" is read
+    # by transformers 4 and 5 alike.
     extra = [vocabulary[ids[key]] for key in ("start_of_turn", "end_of_turn")
              if ids[key] is not None]
     tokenizer_config = {
@@ -121,8 +145,10 @@ def _tokenizer_files(tokenizer, ids):
         "spaces_between_special_tokens": False,
         "padding_side": "left",
         "model_max_length": 1_000_000_000_000_000_019_884_624_838_656,
-        "extra_special_tokens": extra,
+        "additional_special_tokens": extra,
     }
+    if len(extra) == 2:
+        tokenizer_config["chat_template"] = CHAT_TEMPLATE
     special_tokens_map = {**special, "additional_special_tokens": extra}
     return {"tokenizer_config.json": tokenizer_config,
             "special_tokens_map.json": special_tokens_map}
