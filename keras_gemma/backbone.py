@@ -23,6 +23,11 @@ class GemmaBackbone(LoraMethods, keras.Model):
     `final_logit_soft_cap` is set). Argument names follow KerasHub's `GemmaBackbone`; the
     later generations are switches, all off for Gemma 1.
 
+    For packed training rows (`GemmaCausalLMPreprocessor(packing=True)`) `padding_mask` holds
+    segment ids instead of 0/1: 0 is padding and k the row's k-th example; each token then
+    attends only within its example and rotary positions restart at each example. A 0/1 mask
+    is the ordinary padding mask. The cached (generation) path reads only 0/1 masks.
+
     Args:
         vocabulary_size: number of tokens.
         num_layers: number of decoder blocks.
