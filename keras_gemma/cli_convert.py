@@ -88,6 +88,13 @@ def _target(args):
     return target, dtype
 
 
+def _model_name(src):
+    """A name for the GGUF file's general.name: the source's last path part that is not a
+    version number ("kaggle://keras/gemma/keras/gemma_2b_en/3" -> "gemma_2b_en")."""
+    parts = [p for p in src.replace("\\", "/").split("/") if p and not p.isdigit()]
+    return (parts[-1] if parts else "Gemma").removesuffix(".gguf")
+
+
 def run(args):
     """Runs `convert` for parsed arguments; returns the exit status."""
     progress = _Progress()
@@ -114,8 +121,7 @@ def run(args):
         else:
             from keras_gemma.export.gguf_export import export_to_gguf
 
-            name = os.path.basename(os.path.normpath(args.src)).removesuffix(".gguf")
-            path = export_to_gguf(lm, args.dst, dtype=dtype or "f16", name=name,
+            path = export_to_gguf(lm, args.dst, dtype=dtype or "f16", name=_model_name(args.src),
                                   progress=progress.tensors)
     except (ValueError, TypeError, OSError, ImportError, RuntimeError) as error:
         print(f"keras-gemma: error: {error}", file=sys.stderr)

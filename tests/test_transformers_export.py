@@ -189,3 +189,22 @@ def test_architecture_transformers_cannot_express_is_named(sentencepiece_proto, 
     with pytest.raises(ValueError, match="use_post_attention_norm"):
         export_to_transformers(lm, tmp_path / "x")
     assert not os.path.exists(tmp_path / "x")
+
+
+def test_lora_is_merged_into_the_exported_kernels(sentencepiece_proto, tmp_path):
+    import torch
+    import transformers
+
+    lm = export_models.causal_lm("gemma", sentencepiece_proto)
+    lm.backbone.enable_lora(rank=2)
+    rng = np.random.default_rng(3)
+    for variable in lm.backbone.weights:
+        if "lora_kernel" in variable.path:  # b starts at zero: give the adapter an effect
+            variable.assign(rng.normal(0, 0.2, variable.shape).astype("float32"))
+    path = export_to_transformers(lm, tmp_path / "lora")
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    token_ids, padding_mask = export_models.batch()
+    present = padding_mask.astype(bool)
+    ours = export_models.logits(lm.backbone, token_ids, padding_mask)[present]
+    theirs = export_models.transformers_logits(model, token_ids, padding_mask)[present]
+    np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=0)

@@ -109,7 +109,8 @@ def special_ids(tokenizer):
 
 def _check_destination(path, marker):
     if os.path.lexists(path):
-        if os.path.isdir(path) and (not os.listdir(path) or os.path.exists(os.path.join(path, marker))):
+        earlier = os.path.exists(os.path.join(path, marker))
+        if os.path.isdir(path) and (not os.listdir(path) or earlier):
             return
         raise ValueError(
             f"export: {path} exists and is not an earlier export (no {marker}): refusing to "
