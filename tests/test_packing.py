@@ -108,10 +108,25 @@ def test_packed_losses_equal_losses_one_by_one_and_fit(tokenizer):
             assert pweights[row][where].sum() == weights[example].sum()
     assert sorted(found) == list(range(len(PROMPTS)))
 
-    # fit takes the same data through a packing preprocessor (eager steps: this checks the
-    # data path, not the compiler, and tracing a step would cost more than the rest).
+    # fit takes the same data through a packing preprocessor. Eager steps on TensorFlow and
+    # torch (this checks the data path, and tracing a step costs more than the rest); JAX
+    # runs op by op slower than it compiles the step.
     lm.preprocessor = packed
-    lm.compile(run_eagerly=True)
+    lm.compile(run_eagerly=keras.backend.backend() != "jax")
     history = lm.fit(data, batch_size=2, epochs=1, verbose=0)
     assert np.isfinite(history.history["loss"][0])
     assert GemmaCausalLMPreprocessor.from_config(packed.get_config()).packing
+
+
+def test_ordinary_mask_is_the_cached_paths_mask(tokenizer):
+    """A 0/1 mask through the full-sequence path (which now reads segment ids) gives the
+    logits of the cached path (which kept the padding-mask code unchanged), at every position,
+    padding included, for right and left padding: 0/1 masks behave as they always have."""
+    lm = _model(tokenizer)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, 100, size=(2, 7)).astype("int32")
+    mask = np.array([[1, 1, 1, 1, 0, 0, 0], [0, 0, 1, 1, 1, 1, 1]], "int32")
+    full = to_numpy(lm({"token_ids": ids, "padding_mask": mask}))
+    cache = lm.empty_cache(2, 7)
+    cached = to_numpy(lm.call_with_cache(ids, cache, 0, padding_mask=mask)[0])
+    np.testing.assert_allclose(full, cached, atol=1e-5)
