@@ -50,7 +50,8 @@ class GemmaCausalLMPreprocessor(keras.layers.Layer):
       sample_weight 0 on the prompt (as KerasHub's Gemma 3 preprocessor, trimmed alike);
     - chat conversations, a list of `[{"role": "user", "content": ...}, {"role": "model",
       "content": ...}, ...]` lists, are rendered with Gemma's chat template; only the model
-      turns (their text and `<end_of_turn>`) count in the loss.
+      turns (their text and `<end_of_turn>`) count in the loss (eager calls: Python lists of
+      dicts do not enter tf.data; render them to prompts/responses for a tf.data pipeline).
     With `packing=True`, the examples of one call are packed first-fit into as few rows as
     hold them; `padding_mask` then holds segment ids (0 padding, k the row's k-th example), which
     the backbone reads as "attend within your own example" (keras_gemma/packing.py). `generate_preprocess()` packs prompts for generation (a start token, no end
