@@ -53,8 +53,10 @@ class GemmaCausalLMPreprocessor(keras.layers.Layer):
       turns (their text and `<end_of_turn>`) count in the loss (eager calls: Python lists of
       dicts do not enter tf.data; render them to prompts/responses for a tf.data pipeline).
     With `packing=True`, the examples of one call are packed first-fit into as few rows as
-    hold them; `padding_mask` then holds segment ids (0 padding, k the row's k-th example), which
-    the backbone reads as "attend within your own example" (keras_gemma/packing.py). `generate_preprocess()` packs prompts for generation (a start token, no end
+    hold them; `padding_mask` then holds segment ids (0 padding, k the row's k-th example),
+    which the backbone reads as "attend within your own example" (keras_gemma/packing.py).
+
+    `generate_preprocess()` packs prompts for generation (a start token, no end
     token); `generate_postprocess()` turns generated ids (numpy or tensors) back into strings
     without padding, `<bos>` and `<eos>`; chat turn markers stay, as in KerasHub.
 

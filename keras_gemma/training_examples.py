@@ -175,7 +175,7 @@ def pack_chats(tokenizer, conversations, length, start, end):
         segments = chat_segments(conversation)
         pieces, _ = _tokenized_rows(tokenizer, [text for text, _ in segments])
         ids = [i for piece in pieces for i in piece][:keep]
-        trained = [t for piece, (_, t) in zip(pieces, segments) for i in piece][:keep]
+        trained = [t for piece, (_, t) in zip(pieces, segments) for _ in piece][:keep]
         # <eos> after a model turn is trained (the answer ends there); after a user turn not.
         end_trained = [segments[-1][1]] * len(end)
         rows.append((start + ids + end, [False] * len(start) + trained + end_trained))

@@ -282,7 +282,8 @@ def test_chat_conversations_train_on_model_turns_only(tokenizer):
     # The loss sees the model turns' text, their <end_of_turn>\n, and <eos> after them.
     trained = y[0][weights[0]].tolist()
     assert trained[-1] == EOS
-    assert tokenizer.detokenize(trained[:-1]) == "The quick fox.<end_of_turn>\nlazy dog<end_of_turn>\n"
+    model_turns = "The quick fox.<end_of_turn>\nlazy dog<end_of_turn>\n"
+    assert tokenizer.detokenize(trained[:-1]) == model_turns
     assert tokenizer.detokenize(y[1][weights[1]].tolist()).startswith("The quick fox.")
     with pytest.raises(ValueError, match="alternate"):
         preprocessor([[{"role": "model", "content": "hi"}]])
