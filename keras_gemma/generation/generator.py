@@ -13,6 +13,8 @@ from keras_gemma.generation.loop_parts import no_grad as _no_grad
 from keras_gemma.generation.loop_parts import output_mask as _output_mask
 from keras_gemma.generation.loop_parts import sampler_key as _sampler_key
 from keras_gemma.generation.loop_parts import tied_logits as _tied_logits
+from keras_gemma.generation.sharding import UNSHARDED
+from keras_gemma.generation.sharding import GenerationSharding
 from keras_gemma.generation.torch_step import TracedStep
 from keras_gemma.layers.decode_matmul import xla_runs_on_cpu
 
@@ -33,6 +35,11 @@ class Generator:
     `max_length` and the random key are runtime values, so a new prompt length or
     `max_length` inside known buckets does not compile again. `trace_count` counts traces.
 
+    Under a `keras.distribution` (JAX), inputs are split along the batch axis and the KV
+    caches laid out like the attention's keys and values (`sharding.py`, which also gives
+    the rule for a batch the batch axis does not divide); the programs are keyed by that
+    layout too, so each bucket still compiles once.
+
     A sampler with `needs_hidden_states` (contrastive search) gets more from the loop: the
     prefill also keeps the prompt's final hidden states as the sampler's initial state, and
     each step hands the sampler the last position's hidden state and the model's cached
@@ -52,6 +59,13 @@ class Generator:
         """Forget compiled functions (after weights change structure: LoRA, quantization)."""
         self._functions = {}
         self._signature = None
+        self._sharding = UNSHARDED  # set from the current distribution by each call
+
+    def _distribute(self, token_ids, prompt_mask, beams):
+        # Rows added for the batch axis of the current distribution (if any), and the
+        # layout's part of the compile keys.
+        self._sharding = GenerationSharding.current(self.model)
+        return self._sharding.rows_for(token_ids, prompt_mask, beams) + (self._sharding.key,)
 
     # Public entry points (numpy in, numpy out).
 
@@ -73,17 +87,21 @@ class Generator:
         start = self._start(prompt_mask)
         if start >= max_length:
             return token_ids.copy(), prompt_mask.copy()
+        beams = sampler.num_beams
+        token_ids, prompt_mask, layout = self._distribute(token_ids, prompt_mask, beams)
         tokens, mask, width = self._pad(token_ids, prompt_mask, sampler.num_beams, pad_token_id)
         prefill = prefill_bucket(start - 1, width)
         stop_ids = tuple(stop_token_ids)
-        step_key = ("step", tokens.shape, _sampler_key(sampler), stop_ids, pad_token_id)
+        step_key = ("step", tokens.shape, _sampler_key(sampler), stop_ids, pad_token_id, layout)
         key = ("generate", prefill) + step_key[1:]
         function = self._function(
             key, lambda: self._make_generate(prefill, sampler, stop_ids, pad_token_id, step_key)
         )
         arguments = (tokens, mask, np.int32(start), np.int32(max_length), sampler.new_key())
         with _no_grad():
-            output, output_mask = function(*[ops.convert_to_tensor(a) for a in arguments])
+            tensors = [self._sharding.place(a) for a in arguments[:2]]
+            tensors += [ops.convert_to_tensor(a) for a in arguments[2:]]
+            output, output_mask = function(*tensors)
         output = np.asarray(ops.convert_to_numpy(output))[:batch, :max_length]
         output_mask = np.asarray(ops.convert_to_numpy(output_mask))[:batch, :max_length]
         return output, output_mask
@@ -102,24 +120,28 @@ class Generator:
         max_length = token_ids.shape[1]
         start = self._start(prompt_mask)
         prompt_length = int(prompt_mask.sum())
+        token_ids, prompt_mask, layout = self._distribute(token_ids, prompt_mask, 1)
         tokens, mask, width = self._pad(token_ids, prompt_mask, 1, pad_token_id)
         prefill = prefill_bucket(start - 1, width)
         stop_ids = tuple(stop_token_ids)
         hidden = sampler.needs_hidden_states
         prefill_fn = self._function(
-            ("prefill", tokens.shape, prefill, hidden),
+            ("prefill", tokens.shape, prefill, hidden, layout),
             lambda: self._make_prefill(prefill, keep_hidden=hidden),
         )
-        key = ("step", tokens.shape, _sampler_key(sampler), stop_ids, pad_token_id)
+        key = ("step", tokens.shape, _sampler_key(sampler), stop_ids, pad_token_id, layout)
         step_fn = self._function(key, lambda: self._make_step(sampler, stop_ids, pad_token_id))
         random_key = ops.convert_to_tensor(sampler.new_key())
         # no_grad around each call, not the whole generator: the caller's code runs between
         # yields and must keep its own gradient mode.
+        rows = tokens.shape[0]  # 1, or copies of it for the batch axis
         with _no_grad():
-            tokens = ops.convert_to_tensor(tokens)
-            mask = ops.convert_to_tensor(mask)
-            caches, scores = self._initial_state(prefill_fn(tokens), sampler, 1)
-            done = ops.zeros((1,), "bool")
+            tokens = self._sharding.place(tokens)
+            mask = self._sharding.place(mask)
+            caches, scores = self._initial_state(prefill_fn(tokens), sampler, rows)
+            # Placed as the compiled step returns them, so that its second call reuses the
+            # first one's program.
+            done, scores = self._sharding.place_rows((ops.zeros((rows,), "bool"), scores), rows)
         for index in range(start, max_length):
             index_tensor = ops.convert_to_tensor(np.int32(index))
             with _no_grad():
@@ -155,7 +177,8 @@ class Generator:
     def _empty_caches(self, batch, width):
         backbone = self.model.backbone
         shape = (batch, 2, width, backbone.num_key_value_heads, backbone.head_dim)
-        return [ops.zeros(shape, backbone.compute_dtype) for _ in range(backbone.num_layers)]
+        caches = [ops.zeros(shape, backbone.compute_dtype) for _ in range(backbone.num_layers)]
+        return self._sharding.constrain(caches)
 
     def _prefill(self, tokens, prefill, keep_hidden=False):
         """The KV caches after the first `prefill` positions; with `keep_hidden`,
@@ -165,6 +188,7 @@ class Generator:
         hidden = None
         if prefill:
             hidden, caches = self.model.hidden_with_cache(tokens[:, :prefill], caches, 0)
+            caches = self._sharding.constrain(caches)
         if not keep_hidden:
             return caches
         return caches, self._hidden_history(hidden, tokens.shape)
@@ -187,6 +211,7 @@ class Generator:
     def _decode(self, token, caches, index):
         """float32 logits [batch, vocabulary] for `token` [batch, 1] at position `index`."""
         hidden, caches = self.model.hidden_with_cache(token, caches, index)
+        caches = self._sharding.constrain(caches)
         return _tied_logits(self.model.backbone.token_embedding, hidden), caches
 
     def _body(self, decode, sampler, stop_ids, pad_id):
@@ -210,7 +235,8 @@ class Generator:
         model = self.model
 
         def run(token_ids, caches, index):
-            return model.hidden_with_cache(token_ids, caches, index)
+            hidden, caches = model.hidden_with_cache(token_ids, caches, index)
+            return hidden, self._sharding.constrain(caches)
 
         def body(tokens, caches, index, prompt_mask, done, scores, key):
             batch = ops.shape(tokens)[0]
@@ -324,7 +350,9 @@ class Generator:
         def run(tokens, prompt_mask, start, max_length, key):
             rows = tokens.shape[0]
             caches, scores = self._initial_state(prefill_fn(tokens), sampler, rows)
-            done = ops.zeros((rows,), "bool")
+            # Placed as the compiled step returns them, so that its second call reuses the
+            # first one's program.
+            done, scores = self._sharding.place_rows((ops.zeros((rows,), "bool"), scores), rows)
             index, stop = int(start), int(max_length)
             while index < stop and not bool(ops.convert_to_numpy(ops.all(done))):
                 index_tensor = ops.convert_to_tensor(np.int32(index))
