@@ -26,6 +26,13 @@ Which axis each variable is sharded on over the model axis, and why
   (rank, kernel.shape[-1]); the factor that carries the kernel's sharded axis is sharded on
   it and the other is replicated, so `a @ b` comes out sharded like the kernel, with no
   communication.
+- int8 (`quantize("int8")`): each kernel stays int8 under its own path, so its entry above
+  applies; its `kernel_scale`, one per output channel, shaped (1, 1) + the kernel's output
+  axes, is sharded where the kernel's output is (head_dim for query/key/value, F for the
+  gating kernels) and replicated where the kernel is sharded on its input (attention
+  output, ffw_linear: their scales are per hidden unit). `embeddings_scale` (V,) is sharded
+  on V like the table. Quantizing a sharded kernel then needs no communication but the
+  row-parallel kernels' max over their split input axis.
 - Nothing is sharded on the data-parallel axis: weights are replicated along it. That keeps
   communication low, above all for LoRA, where frozen weights then never move between
   replicas (KerasHub also shards weights over its data axis, which gathers every weight each
@@ -99,6 +106,12 @@ _ENTRIES = (
     (_BLOCK + r"ffw_gating(?:_2)?/lora_kernel_b", (None, None)),
     (_BLOCK + r"ffw_linear/lora_kernel_a", (None, None)),
     (_BLOCK + r"ffw_linear/lora_kernel_b", (None, "model")),
+    # int8: a scale per output channel, shaped (1, 1) + the kernel's output axes.
+    (r"(?:.+/)?token_embedding/embeddings_scale", ("model",)),
+    (_BLOCK + r"attention/(?:query|key|value)/kernel_scale", (None, None, None, "model")),
+    (_BLOCK + r"attention/attention_output/kernel_scale", (None, None, None)),
+    (_BLOCK + r"ffw_gating(?:_2)?/kernel_scale", (None, None, "model")),
+    (_BLOCK + r"ffw_linear/kernel_scale", (None, None, None)),
 )
 
 # Every projection `enable_lora` can target (its default is query and value only).
@@ -140,35 +153,47 @@ def layout_map(device_mesh, model_parallel_dim_name="model", data_parallel_dim_n
     return layouts
 
 
-def variable_shapes(config, lora_rank=None, lora_target_layer_names=("query", "value")):
+def variable_shapes(config, lora_rank=None, lora_target_layer_names=("query", "value"),
+                    quantization_mode=None):
     """`[(path, shape)]` of the weights a `GemmaBackbone(**config)` would have, unbuilt.
 
     The same paths and shapes, in the same order, as `backbone.weights` (after
-    `backbone.enable_lora(lora_rank, lora_target_layer_names)` when `lora_rank` is given),
-    computed without allocating anything: a 7B architecture costs a list of tuples.
+    `backbone.enable_lora(lora_rank, lora_target_layer_names)` when `lora_rank` is given, or
+    after `quantize("int8")` with `quantization_mode="int8"`), computed without allocating
+    anything: a 7B architecture costs a list of tuples.
 
     Example:
     >>> variable_shapes(GemmaBackbone.presets["gemma_2b_en"]["backbone"])[2]
     ('decoder_block_0/attention/query/kernel', (8, 256, 2048))
     """
+    if quantization_mode not in (None, "int8"):
+        raise ValueError(f"quantization_mode must be None or 'int8', not {quantization_mode!r}.")
+    if quantization_mode and lora_rank:
+        raise ValueError("variable_shapes lists LoRA or int8 weights, not both at once.")
     hidden, head_dim = config["hidden_dim"], config["head_dim"]
     heads, kv_heads = config["num_query_heads"], config["num_key_value_heads"]
     width = config["intermediate_dim"] // 2
+    int8 = quantization_mode == "int8"
 
-    def dense(prefix, shape):
+    def dense(prefix, shape, outputs=1):
+        # The first `outputs` axes of an (out, in) kernel are its output axes.
         shapes = [(f"{prefix}/kernel", shape)]
+        if int8:
+            shapes.append((f"{prefix}/kernel_scale", (1, 1) + shape[:outputs]))
         if lora_rank and prefix.rsplit("/", 1)[-1] in lora_target_layer_names:
             shapes.append((f"{prefix}/lora_kernel_a", shape[:-1] + (lora_rank,)))
             shapes.append((f"{prefix}/lora_kernel_b", (lora_rank, shape[-1])))
         return shapes
 
     shapes = [("token_embedding/embeddings", (config["vocabulary_size"], hidden))]
+    if int8:
+        shapes.append(("token_embedding/embeddings_scale", (config["vocabulary_size"],)))
     for index in range(config["num_layers"]):
         block = f"decoder_block_{index}"
         shapes.append((f"{block}/pre_attention_norm/scale", (hidden,)))
-        shapes += dense(f"{block}/attention/query", (heads, head_dim, hidden))
-        shapes += dense(f"{block}/attention/key", (kv_heads, head_dim, hidden))
-        shapes += dense(f"{block}/attention/value", (kv_heads, head_dim, hidden))
+        shapes += dense(f"{block}/attention/query", (heads, head_dim, hidden), 2)
+        shapes += dense(f"{block}/attention/key", (kv_heads, head_dim, hidden), 2)
+        shapes += dense(f"{block}/attention/value", (kv_heads, head_dim, hidden), 2)
         shapes += dense(f"{block}/attention/attention_output", (hidden, heads, head_dim))
         if config.get("use_query_key_norm"):
             shapes.append((f"{block}/attention/query_norm/scale", (head_dim,)))

@@ -136,6 +136,8 @@ def test_every_entry_matches_every_preset_and_every_weight_matches_one_entry():
     for preset in keras_gemma.list_presets():
         config = GemmaBackbone.presets[preset]["backbone"]
         paths = [path for path, _ in variable_shapes(config, 4, LORA_TARGETS)]
+        paths += [p for p, _ in variable_shapes(config, quantization_mode="int8")
+                  if p.endswith("_scale")]
         for key in layout_map:
             assert any(re.fullmatch(key, path) for path in paths), (preset, key)
         for path in paths:
@@ -151,6 +153,7 @@ def test_every_preset_divides(shape):
         total = GemmaBackbone.parameter_count(config)
         # LoRA on every projection must divide as well.
         check_layout(variable_shapes(config, 4, LORA_TARGETS), layout_map)
+        check_layout(variable_shapes(config, quantization_mode="int8"), layout_map)
         per_device = check_layout(preset, layout_map)
         assert per_device < total or shape[1] == 1, preset
 

@@ -9,6 +9,8 @@ import dataclasses
 import json
 import os
 
+import numpy as np
+
 from keras_gemma.checkpoints import handles, huggingface, keras_hub, preset_cards, preset_format
 from keras_gemma.layers.initialization import skip_random_initialization
 
@@ -130,8 +132,15 @@ def backbone_config(handle, dtype=None, convert=True):
 
 
 def load_weights(backbone, resolved):
-    """Fills a built backbone from the files of `resolved` (from `backbone_config`)."""
-    if resolved.kind == "keras_gemma":
+    """Fills a built backbone from the files of `resolved` (from `backbone_config`).
+
+    A backbone built under a `keras.distribution` (its weights spread over several devices)
+    reads a keras_gemma preset shard by shard (`place_sharded`); the other formats are read
+    tensor by tensor, each tensor placed on its devices as soon as it is read.
+    """
+    if resolved.kind == "keras_gemma" and is_sharded(backbone):
+        _load_keras_gemma_sharded(backbone, resolved.path)
+    elif resolved.kind == "keras_gemma":
         preset_format.load_weights(backbone, resolved.path)
     elif resolved.kind == "keras_hub":
         family = keras_hub.REGISTERED_NAMES[resolved.config["registered_name"]]
@@ -141,6 +150,92 @@ def load_weights(backbone, resolved):
     else:
         raise ValueError(f"cannot read weights from a {resolved.kind} preset: convert it first.")
     return backbone
+
+
+def is_sharded(backbone):
+    """Whether `backbone`'s weights were built across several devices (JAX under a
+    `keras.distribution`): `load_weights` then places them shard by shard."""
+    import keras
+
+    if keras.backend.backend() != "jax":
+        return False
+    return any(len(v.value.sharding.device_set) > 1 for v in backbone.weights)
+
+
+def place_sharded(variable, source, name, release=None):
+    """Assigns `source` (an array-like such as a memory-mapped tensor) to `variable` as
+    `jax.make_array_from_callback` builds it: each device's shard is copied straight from
+    `source` into an array of its own, so a whole tensor is never held in host memory
+    beside its shards, and in a multi-host run each process reads only the shards of its
+    own devices. `release()`, if given, runs after each shard is copied: a memory-mapped
+    source drops the file pages it read there, so they never add up to a whole tensor.
+
+    Example:
+    >>> place_sharded(backbone.token_embedding.embeddings, weights["embeddings"], "embeddings")
+    """
+    import jax
+
+    if tuple(source.shape) != tuple(variable.shape):
+        raise ValueError(
+            f"shape mismatch for {variable.path} (from {name!r}): the checkpoint has "
+            f"{tuple(source.shape)}, the model expects {tuple(variable.shape)}."
+        )
+    dtype = preset_format._numpy_dtype(variable)
+
+    def shard(index):
+        # An owned copy: a backend may alias what it is given, and source may be read-only.
+        piece = np.array(source[index], dtype=dtype, copy=True)
+        if release is not None:
+            release()
+        return piece
+
+    value = jax.make_array_from_callback(tuple(variable.shape), variable.value.sharding, shard)
+    variable.assign(value)  # already laid out as the variable: Keras keeps it as it is
+
+
+def _load_keras_gemma_sharded(backbone, directory):
+    """`preset_format.load_weights` for a sharded backbone: the same checks, then each
+    tensor placed shard by shard from the memory map and its pages released."""
+    from keras_gemma.checkpoints.safetensors_io import SafetensorsFile
+
+    path = os.path.join(directory, preset_format.WEIGHTS_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{directory} has no {preset_format.WEIGHTS_FILE}.")
+    weights = SafetensorsFile(path)
+    variables = {variable.path: variable for variable in backbone.weights}
+    stored = {preset_format.current_variable_path(name): name for name in weights.keys()}
+    missing = sorted(set(variables) - set(stored))
+    extra = sorted(set(stored) - set(variables))
+    if missing or extra:
+        raise ValueError(
+            f"{path} does not match the model: it lacks {missing[:5]} and has weights the "
+            f"model does not have {extra[:5]}. Does config.json match the weights?"
+        )
+    trim = _malloc_trim()
+    for variable_path, variable in variables.items():
+        name = stored[variable_path]
+        place_sharded(variable, weights[name], name, release=lambda n=name: weights.release(n))
+        trim()
+    return backbone
+
+
+def _malloc_trim():
+    """glibc's `malloc_trim(0)` as a function, or one that does nothing elsewhere.
+
+    The zeros each weight replaces are freed shard by shard, and a shard (1/8 of a 2B FFN
+    kernel: 25 MB) is below glibc's mmap threshold once it has risen (up to 32 MB), so the
+    freed memory stays in the heap instead of going back to the system: without a trim,
+    loading a 2B-shape preset into a (1, 8) mesh of CPU devices grew to 1.6x the weights
+    (benchmarks/load_memory.py), with one after each weight 1.3x.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return lambda: None
+    return lambda: trim(0)
 
 
 def build_backbone(cls, handle, dtype=None, with_weights=True):
