@@ -36,6 +36,9 @@ test-torch:
 	KERAS_BACKEND=torch $(PYTEST)
 
 # keras.distribution on 8 simulated CPU devices: XLA reads the device count when JAX starts,
-# so this needs its own process (tests/test_distribution.py skips itself in the runs above).
+# so this needs its own process (these modules skip themselves in the runs above).
+DISTRIBUTION_TESTS = test_distribution.py test_distribution_generate.py \
+	test_distribution_presets.py test_guide_distributed_fine_tuning.py
 test-distribution:
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 KERAS_BACKEND=jax $(PYTEST)/test_distribution.py
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 KERAS_BACKEND=jax \
+		$(PYTHON) -m pytest -q -p no:cacheprovider $(addprefix tests/,$(DISTRIBUTION_TESTS))
