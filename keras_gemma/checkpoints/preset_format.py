@@ -22,13 +22,12 @@ interrupted save never leaves a half-written preset.
 import inspect
 import json
 import os
-import shutil
-import tempfile
 
 import keras
 import ml_dtypes
 import numpy as np
 
+from keras_gemma.atomic_write import atomic_directory
 from keras_gemma.checkpoints.safetensors_io import SafetensorsFile, write_safetensors
 
 # Bump when the layout or the names of the saved variables change.
@@ -138,18 +137,7 @@ def save_preset(
 ):
     """Writes a preset directory atomically; replaces an earlier keras_gemma preset there."""
     directory = os.path.abspath(os.fspath(directory))
-    parent = os.path.dirname(directory)
-    os.makedirs(parent, exist_ok=True)
-    if os.path.exists(directory):
-        if not os.path.isdir(directory):
-            raise ValueError(f"{directory} exists and is not a directory.")
-        if os.listdir(directory) and not os.path.exists(os.path.join(directory, CONFIG_FILE)):
-            raise ValueError(
-                f"{directory} exists and is not a preset: refusing to overwrite it. "
-                "Choose an empty or new directory."
-            )
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.partial-", dir=parent)
-    try:
+    with atomic_directory(directory, marker=CONFIG_FILE, description="a preset") as staging:
         config = {
             "keras_gemma_format": FORMAT_VERSION,
             "backbone": {"class_name": "GemmaBackbone", "config": backbone.get_config()},
@@ -175,20 +163,6 @@ def save_preset(
         keep_parts(directory, staging, config)  # a tokenizer saved on its own stays
         with open(os.path.join(staging, CONFIG_FILE), "w") as file:
             json.dump(config, file, indent=2)
-        for name in os.listdir(staging):
-            with open(os.path.join(staging, name), "rb") as file:
-                os.fsync(file.fileno())
-        if os.path.exists(directory):
-            retired = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.old-", dir=parent)
-            os.rmdir(retired)
-            os.rename(directory, retired)
-            os.rename(staging, directory)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.rename(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return directory
 
 

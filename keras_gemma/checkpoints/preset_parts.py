@@ -23,8 +23,8 @@ save_preprocessor("./my_gemma", preprocessor)  # the same, plus the preprocessor
 import json
 import os
 import shutil
-import tempfile
 
+from keras_gemma.atomic_write import atomic_directory, write_file_atomically
 from keras_gemma.checkpoints import preset_format
 
 TOKENIZER_SECTION = "tokenizer"
@@ -123,20 +123,10 @@ def _read_config(directory):
     return config if preset_format.is_keras_gemma_config(config) else None
 
 
-def _write_whole(path, data):
-    """Writes `data` (bytes) to `path` through a temporary sibling and a rename."""
-    directory, name = os.path.split(path)
-    handle, temporary = tempfile.mkstemp(prefix=f".{name}.partial-", dir=directory)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
+def _write_parts(directory, proto, config):
+    # The model file first: config.json then names a tokenizer that is already whole.
+    write_file_atomically(os.path.join(directory, preset_format.TOKENIZER_FILE), proto)
+    write_file_atomically(os.path.join(directory, preset_format.CONFIG_FILE), _config_bytes(config))
 
 
 def _config_bytes(config):
@@ -160,22 +150,11 @@ def _update_preset(directory, proto, sections):
                 "into it. Choose an empty or new directory, or a keras_gemma preset."
             )
         config.update(sections)
-        # The model file first: config.json then names a tokenizer that is already whole.
-        _write_whole(os.path.join(directory, preset_format.TOKENIZER_FILE), proto)
-        _write_whole(os.path.join(directory, preset_format.CONFIG_FILE), _config_bytes(config))
+        _write_parts(directory, proto, config)
         return directory
     # A new preset: assembled beside its place, so that it appears whole or not at all.
     config = {"keras_gemma_format": preset_format.FORMAT_VERSION, **sections, "metadata": {}}
-    parent = os.path.dirname(directory)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.partial-", dir=parent)
-    try:
-        _write_whole(os.path.join(staging, preset_format.TOKENIZER_FILE), proto)
-        _write_whole(os.path.join(staging, preset_format.CONFIG_FILE), _config_bytes(config))
-        if os.path.isdir(directory):
-            os.rmdir(directory)  # empty (checked above)
-        os.rename(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    marker = preset_format.CONFIG_FILE
+    with atomic_directory(directory, marker=marker, description="a preset") as staging:
+        _write_parts(staging, proto, config)
     return directory

@@ -1,11 +1,7 @@
-"""What the transformers and GGUF exports share: the model's parts, its generation, its weights
-as numpy arrays, and atomic writes.
+"""What the transformers and GGUF exports share: the model's parts, its generation and its
+weights as numpy arrays. Their atomic writes are keras_gemma.atomic_write's.
 """
 
-import contextlib
-import os
-import shutil
-import tempfile
 
 import keras
 import ml_dtypes
@@ -105,65 +101,3 @@ def special_ids(tokenizer):
     return {"bos": tokenizer.start_token_id, "eos": tokenizer.end_token_id,
             "pad": tokenizer.pad_token_id, "unk": tokenizer.unk_token_id,
             "start_of_turn": tokenizer.start_of_turn_id, "end_of_turn": tokenizer.end_of_turn_id}
-
-
-def _check_destination(path, marker):
-    if os.path.lexists(path):
-        earlier = os.path.exists(os.path.join(path, marker))
-        if os.path.isdir(path) and (not os.listdir(path) or earlier):
-            return
-        raise ValueError(
-            f"export: {path} exists and is not an earlier export (no {marker}): refusing to "
-            "overwrite it. Choose a new or empty directory."
-        )
-
-
-@contextlib.contextmanager
-def atomic_directory(path, marker="config.json"):
-    """Yields a temporary sibling directory that replaces `path` only if the block succeeds.
-
-    An earlier export at `path` (it holds `marker`) is replaced; anything else is refused.
-    On failure nothing is left: neither the temporary directory nor a half-written `path`.
-    """
-    path = os.path.abspath(os.fspath(path))
-    _check_destination(path, marker)
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.partial-", dir=parent)
-    try:
-        yield staging
-        for name in os.listdir(staging):
-            with open(os.path.join(staging, name), "rb") as file:
-                os.fsync(file.fileno())
-        if os.path.lexists(path):
-            retired = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
-            os.rmdir(retired)
-            os.rename(path, retired)
-            os.rename(staging, path)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.rename(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-@contextlib.contextmanager
-def atomic_file(path):
-    """Yields a temporary sibling file name that replaces `path` only if the block succeeds."""
-    path = os.path.abspath(os.fspath(path))
-    if os.path.isdir(path):
-        raise ValueError(f"export: {path} is a directory; give the path of the file to write.")
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.partial-", dir=parent)
-    os.close(handle)
-    try:
-        yield staging
-        with open(staging, "rb") as file:
-            os.fsync(file.fileno())
-        os.replace(staging, path)
-    except BaseException:
-        if os.path.exists(staging):
-            os.remove(staging)
-        raise

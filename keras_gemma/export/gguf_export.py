@@ -15,8 +15,8 @@ import numpy as np
 
 from keras_gemma.checkpoints.gguf import _gguf_module, _matching_card, gguf_tensor_table
 from keras_gemma.checkpoints.sentencepiece_proto import CONTROL, UNKNOWN, USER_DEFINED
+from keras_gemma.atomic_write import atomic_file
 from keras_gemma.export.common import (
-    atomic_file,
     generation_of,
     model_parts,
     query_scalar,

@@ -14,8 +14,8 @@ import os
 
 from keras_gemma.checkpoints.huggingface import transformers_weight_table
 from keras_gemma.checkpoints.safetensors_io import write_safetensors
+from keras_gemma.atomic_write import atomic_directory
 from keras_gemma.export.common import (
-    atomic_directory,
     generation_of,
     model_parts,
     query_scalar,
@@ -197,7 +197,8 @@ def export_to_transformers(model, path, tokenizer=None, dtype=None):
     files = {"config.json": config, "generation_config.json": generation_config}
     if tokenizer is not None:
         files.update(_tokenizer_files(tokenizer, ids))
-    with atomic_directory(path) as staging:
+    destination = dict(marker="config.json", description="an earlier export")
+    with atomic_directory(path, **destination) as staging:
         write_safetensors(os.path.join(staging, "model.safetensors"), tensors,
                           metadata={"format": "pt"})
         for name, content in files.items():
