@@ -21,7 +21,7 @@ if jax.device_count() < 8:
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec  # noqa: E402
 from keras.distribution import DataParallel  # noqa: E402
-from test_distribution import MESHES, TINY, model_parallel, random_weights  # noqa: E402
+from test_distribution import TINY, model_parallel, random_weights  # noqa: E402
 
 from keras_gemma import GemmaBackbone, GemmaCausalLM  # noqa: E402
 from keras_gemma.generation.generator import Generator  # noqa: E402
