@@ -25,6 +25,8 @@ import warnings
 import keras
 from keras import tree
 
+from keras_gemma.layers.attention import cache_writes_in_place
+
 
 def tracing_enabled():
     return os.environ.get("KERAS_GEMMA_TORCH_TRACE", "1") not in ("0", "false", "False")
@@ -36,6 +38,9 @@ class TracedStep:
     `arguments` and the result may be nested lists/tuples of tensors; their shapes must not
     change between calls (the caller keys one `TracedStep` per shape bucket).
 
+    After the first call, `recorded_graph` is the graph `torch.jit.trace` recorded and
+    `graph` the one replayed (`simplified`); both None when the step runs eagerly.
+
     Example:
     >>> step = TracedStep(body, model)
     >>> tokens, caches, done, scores = step(tokens, caches, index, mask, done, scores, key)
@@ -44,6 +49,8 @@ class TracedStep:
     def __init__(self, function, model):
         self.function = function
         self.model = model
+        self.recorded_graph = None
+        self.graph = None
         self._traced = None
         self._failed = not tracing_enabled()
         self._output_structure = None
@@ -81,9 +88,102 @@ class TracedStep:
                 # Shape-to-int conversions are fine: shapes are fixed per TracedStep.
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)
                 warnings.simplefilter("ignore", DeprecationWarning)
-                self._traced = torch.jit.trace(
-                    flat_function, tuple(values) + tuple(flat), check_trace=False
-                )
+                # The caches passed in are the Generator's, replaced by the step's outputs:
+                # the step may write them in place (recorded as such in the graph).
+                with cache_writes_in_place():
+                    self._traced = torch.jit.trace(
+                        flat_function, tuple(values) + tuple(flat), check_trace=False
+                    )
         except Exception as error:  # an op that cannot be traced: decode eagerly instead
             warnings.warn(f"torch.jit.trace of the decode step failed ({error}); decoding eagerly.")
             self._failed = True
+            return
+        self.recorded_graph = self.graph = self._traced.graph
+        try:
+            self._traced = simplified(self._traced)
+            self.graph = self._traced.graph
+        except Exception as error:  # a torch without these internals: keep the plain trace
+            warnings.warn(f"could not simplify the traced decode step ({error}).")
+
+
+def simplified(traced):
+    """`traced` (a `torch.jit.trace` of a function) with the ops that do nothing removed.
+
+    - Keras' torch backend moves every tensor an op receives to its device, `x.to("cpu")`:
+      it compares `x.device` with the string "cpu", which torch 2.13 never finds equal, and
+      casts with `x.to(dtype)` where the dtype is the tensor's own. Each such `aten::to`
+      returns its input, yet the replayed graph dispatches it: on a Gemma 3 decoder block
+      they were ~140 of ~425 recorded ops.
+    - `x[:, i]` records a slice of the whole first axis before the select: a view equal to
+      its input.
+    - Shapes are fixed per TracedStep, so `aten::size` of a traced tensor is a constant
+      (the tracer records it, and the `aten::Int` conversions after it, as if it could vary).
+    Constant propagation and dead-code elimination then fold what depended on those.
+    """
+    import torch
+
+    graph = traced.graph.copy()
+    for node in list(graph.nodes()):
+        if node.kind() == "aten::to" and _returns_its_input(node):
+            node.output().replaceAllUsesWith(next(node.inputs()))
+            node.destroy()
+        elif node.kind() == "aten::slice" and _is_full_slice(node):
+            node.output().replaceAllUsesWith(next(node.inputs()))
+            node.destroy()
+        elif node.kind() == "aten::size":
+            size = _constant_size(node)
+            if size is not None:
+                with graph.insert_point_guard(node):
+                    constant = graph.insertConstant(size)
+                node.output().replaceAllUsesWith(constant)
+                node.destroy()
+    torch._C._jit_pass_constant_propagation(graph)
+    torch._C._jit_pass_dce(graph)
+    return torch._C._create_function_from_graph("decode_step", graph)
+
+
+def _returns_its_input(node):
+    """Whether an `aten::to` node keeps its input's dtype and device and makes no copy."""
+    import torch
+
+    source, result = next(node.inputs()).type(), node.output().type()
+    if not (isinstance(source, torch._C.TensorType) and isinstance(result, torch._C.TensorType)):
+        return False
+    if source.dtype() is None or source.dtype() != result.dtype():
+        return False
+    if source.device() is None or source.device() != result.device():
+        return False
+    arguments = torch._C.parse_schema(node.schema()).arguments
+    for argument, value in zip(arguments, node.inputs()):
+        if argument.name in ("copy", "memory_format"):
+            if value.node().kind() != "prim::Constant":
+                return False
+            constant = value.toIValue()
+            if argument.name == "copy" and constant:
+                return False
+            if argument.name == "memory_format" and constant not in (None, torch.preserve_format):
+                return False
+    return True
+
+
+def _is_full_slice(node):
+    """Whether an `aten::slice(tensor, dim, start, end, step)` node keeps the whole axis."""
+    inputs = list(node.inputs())
+    if len(inputs) != 5 or any(v.node().kind() != "prim::Constant" for v in inputs[1:]):
+        return False
+    sizes = inputs[0].type().sizes() if hasattr(inputs[0].type(), "sizes") else None
+    dim, start, end, step = (v.toIValue() for v in inputs[1:])
+    if not sizes or dim is None or step != 1 or start not in (None, 0):
+        return False
+    return end is None or end >= sizes[dim]
+
+
+def _constant_size(node):
+    """The int an `aten::size(tensor, dim)` node returns, if the trace fixed it."""
+    inputs = list(node.inputs())
+    if len(inputs) != 2 or inputs[1].node().kind() != "prim::Constant":
+        return None
+    sizes = inputs[0].type().sizes() if hasattr(inputs[0].type(), "sizes") else None
+    if not sizes:
+        return None
+    return sizes[inputs[1].toIValue()]

@@ -1,5 +1,7 @@
 """Grouped-query attention with Gemma's switches and a preallocated KV cache."""
 
+import contextlib
+
 import keras
 from keras import ops
 
@@ -8,7 +10,8 @@ from keras_gemma.layers.decode_matmul import is_decode_step
 from keras_gemma.layers.initialization import initializer
 from keras_gemma.layers.lora_einsum import GemmaEinsumDense
 from keras_gemma.layers.normalization import RMSNormalization
-from keras_gemma.layers.rotary import rotary_embedding
+from keras_gemma.layers.rotary import apply_rotary
+from keras_gemma.layers.rotary import rotary_tables
 
 # Masked logits get this value rather than -inf, so a row with every key masked gives a
 # uniform (finite) distribution instead of NaN.
@@ -44,6 +47,90 @@ def compute_attention_mask(
     return mask
 
 
+class CachePositions:
+    """The positions of one cached call, and what every layer derives from them, made once.
+
+    A cached call (a prefill, or one decode step) runs `query_length` tokens at positions
+    `start_index, start_index + 1, ...` against a cache of `key_length` positions. Each decoder
+    block needs the attention mask of its window and the rotary tables of its RoPE settings;
+    Gemma 3's blocks come in two kinds, so a call needs two masks and two tables, not one of
+    each per block. Made by the caller once per call (`GemmaCausalLM.hidden_with_cache`), or
+    by a block called on its own; each mask and table is computed on its first request.
+
+    Example:
+    >>> positions = CachePositions(1, 64, start_index=index)
+    >>> mask = positions.attention_mask(sliding_window_size=512)  # [1, 1, 1, 1, 64]
+    >>> cos, sin = positions.rotary_tables(head_dim=256, max_wavelength=1e6)
+    """
+
+    def __init__(self, query_length, key_length, start_index=0, padding_mask=None):
+        self.query_length = query_length
+        self.key_length = key_length
+        self.start_index = start_index
+        self.padding_mask = padding_mask
+        self.positions = ops.arange(query_length, dtype="int32") + ops.cast(start_index, "int32")
+        self._masks = {}
+        self._tables = {}
+
+    def attention_mask(self, sliding_window_size=None):
+        """Boolean [batch or 1, 1, 1, query, key]: `compute_attention_mask` shaped to
+        broadcast over the attention logits [batch, kv_heads, groups, query, key]."""
+        mask = self._masks.get(sliding_window_size)
+        if mask is None:
+            mask = compute_attention_mask(
+                self.query_length,
+                self.key_length,
+                start_index=self.start_index,
+                padding_mask=self.padding_mask,
+                sliding_window_size=sliding_window_size,
+            )
+            mask = self._masks[sliding_window_size] = ops.expand_dims(mask, (1, 2))
+        return mask
+
+    def rotary_tables(self, head_dim, max_wavelength=10000.0, scaling_factor=1.0):
+        """`rotary_tables(positions, ...)` for these positions (see rotary.py)."""
+        key = (head_dim, float(max_wavelength), float(scaling_factor))
+        tables = self._tables.get(key)
+        if tables is None:
+            tables = self._tables[key] = rotary_tables(self.positions, *key)
+        return tables
+
+
+_in_place = {"active": False}
+
+
+@contextlib.contextmanager
+def cache_writes_in_place():
+    """Within this context the torch backend writes KV caches in place.
+
+    For a caller that owns the caches it passes and keeps only the updated ones: the traced
+    decode step (generation/torch_step.py). A cache rebuilt by `slice_update` is a copy of
+    the whole cache per layer and token, and ~15 recorded ops. Elsewhere (and on JAX and
+    TensorFlow, whose compiled `slice_update` already writes in place) caches are values:
+    `call_with_cache` never changes the cache it is given.
+    """
+    previous = _in_place["active"]
+    _in_place["active"] = True
+    try:
+        yield
+    finally:
+        _in_place["active"] = previous
+
+
+def write_to_cache(cache, start_index, keys_and_values):
+    """`cache` [batch, 2, max_length, kv_heads, head_dim] with `keys_and_values`
+    [batch, 2, new, kv_heads, head_dim] written at positions `start_index, ...`.
+
+    Example:
+    >>> cache = write_to_cache(cache, index, ops.stack((key, value), axis=1))
+    """
+    if _in_place["active"] and keras.backend.backend() == "torch":
+        # narrow() takes the start as a tensor, so the traced step keeps it a runtime value.
+        cache.narrow(2, start_index, keys_and_values.shape[2]).copy_(keys_and_values)
+        return cache
+    return ops.slice_update(cache, [0, 0, start_index, 0, 0], keys_and_values)
+
+
 def segment_mask_and_positions(padding_mask):
     """Attention visibility [batch, query, key] and rotary positions [batch, seq] of a
     `padding_mask` that may hold segment ids (packed training rows, keras_gemma/packing.py).
@@ -73,29 +160,28 @@ def segment_mask_and_positions(padding_mask):
     return visible, positions
 
 
-def _project_to_heads(dense, inputs):
+def _project_to_heads(dense, inputs, rows=None):
     """`dense(inputs)` for a "btd,nhd->btnh" EinsumDense; a decode step reshapes the
     (heads, head_dim, hidden) kernel to (heads * head_dim, hidden) and runs `decode_matmul`
-    (LoRA included: `dense.kernel` merges it)."""
-    if not is_decode_step(dense, inputs):
+    on `rows`, the inputs as [batch, hidden] (LoRA included: `dense.kernel` merges it)."""
+    if rows is None or not is_decode_step(dense, inputs):
         return dense(inputs)
     kernel = ops.cast(dense.kernel, dense.compute_dtype)
-    batch, _, hidden = inputs.shape
-    heads, head_dim, _ = kernel.shape
-    projected = decode_matmul(
-        ops.reshape(inputs, (batch, hidden)), ops.reshape(kernel, (heads * head_dim, hidden))
-    )
-    return ops.reshape(projected, (batch, 1, heads, head_dim))
+    heads, head_dim, hidden = kernel.shape
+    projected = decode_matmul(rows, ops.reshape(kernel, (heads * head_dim, hidden)))
+    return ops.reshape(projected, (rows.shape[0], 1, heads, head_dim))
 
 
-def _project_from_heads(dense, inputs):
-    """`dense(inputs)` for the "btnh,dnh->btd" output EinsumDense; a decode step reshapes
-    the (hidden, heads, head_dim) kernel to (hidden, heads * head_dim)."""
+def _project_from_heads(dense, inputs, heads, head_dim):
+    """`dense(...)` for the "btnh,dnh->btd" output EinsumDense on the attention output
+    `inputs` [batch, seq, kv_heads, groups, head_dim]; a decode step reshapes the
+    (hidden, heads, head_dim) kernel to (hidden, heads * head_dim) and the inputs to rows
+    [batch, heads * head_dim] in one reshape each."""
     if not is_decode_step(dense, inputs):
-        return dense(inputs)
+        batch, query_length = ops.shape(inputs)[0], ops.shape(inputs)[1]
+        return dense(ops.reshape(inputs, (batch, query_length, heads, head_dim)))
     kernel = ops.cast(dense.kernel, dense.compute_dtype)
-    batch, _, heads, head_dim = inputs.shape
-    hidden = kernel.shape[0]
+    batch, hidden = inputs.shape[0], kernel.shape[0]
     projected = decode_matmul(
         ops.reshape(inputs, (batch, heads * head_dim)),
         ops.reshape(kernel, (hidden, heads * head_dim)),
@@ -219,45 +305,58 @@ class GemmaAttention(keras.layers.Layer):
         cache_update_index=0,
         training=False,
         positions=None,
+        rotary_tables=None,
     ):
-        """Attends `inputs` [batch, seq, hidden] under `attention_mask` [batch, seq, keys].
+        """Attends `inputs` [batch, seq, hidden] under `attention_mask`.
 
+        `attention_mask` is boolean [batch, seq, keys], or already shaped to broadcast over
+        the logits [batch, kv_heads, groups, seq, keys] (`CachePositions.attention_mask`).
         Without a cache the keys are the inputs themselves. With a cache
         [batch, 2, max_length, kv_heads, head_dim], this call's keys and values are written
         at `cache_update_index` and attention runs over the whole cache; the updated cache is
-        returned with the output. `positions` [batch, seq] overrides the rotary positions
-        (packed rows restart them per example); by default they count from
+        returned with the output. Rotary positions: `rotary_tables` (from
+        `CachePositions.rotary_tables`, for this layer's RoPE settings) if given, else
+        `positions` [batch, seq] (packed rows restart them per example), else counting from
         `cache_update_index`.
         """
-        if positions is None:
-            query_length = ops.shape(inputs)[1]
-            positions = ops.arange(query_length, dtype="int32") + ops.cast(
-                cache_update_index, "int32"
-            )
-        query = _project_to_heads(self.query_dense, inputs)
-        key = _project_to_heads(self.key_dense, inputs)
-        value = _project_to_heads(self.value_dense, inputs)
+        if rotary_tables is None:
+            if positions is None:
+                query_length = ops.shape(inputs)[1]
+                positions = ops.arange(query_length, dtype="int32") + ops.cast(
+                    cache_update_index, "int32"
+                )
+            rotary_tables = self._rotary_tables(positions)
+        # A decode step projects [batch, hidden] rows: reshaped once for the three products.
+        rows = None
+        if inputs.shape[1] == 1 and inputs.shape[0] is not None:
+            rows = ops.reshape(inputs, (inputs.shape[0], inputs.shape[2]))
+        query = _project_to_heads(self.query_dense, inputs, rows)
+        key = _project_to_heads(self.key_dense, inputs, rows)
+        value = _project_to_heads(self.value_dense, inputs, rows)
         if self.use_query_key_norm:
             query = self.query_norm(query)
             key = self.key_norm(key)
-        query = rotary_embedding(
-            query, positions, self.rope_max_wavelength, self.rope_scaling_factor
-        )
-        key = rotary_embedding(
-            key, positions, self.rope_max_wavelength, self.rope_scaling_factor
-        )
+        query = apply_rotary(query, rotary_tables)
+        key = apply_rotary(key, rotary_tables)
         if cache is not None:
-            start = [0, cache_update_index, 0, 0]
-            key = ops.slice_update(cache[:, 0, ...], start, key)
-            value = ops.slice_update(cache[:, 1, ...], start, value)
-            cache = ops.stack((key, value), axis=1)
+            # One write of both, then attention reads the whole cache.
+            cache = write_to_cache(cache, cache_update_index, ops.stack((key, value), axis=1))
+            key, value = cache[:, 0], cache[:, 1]
         output = self._attend(query, key, value, attention_mask, training)
-        output = _project_from_heads(self.output_dense, output)
+        output = _project_from_heads(
+            self.output_dense, output, self.num_query_heads, self.head_dim
+        )
         if cache is not None:
             return output, cache
         return output
 
+    def _rotary_tables(self, positions):
+        return rotary_tables(
+            positions, self.head_dim, self.rope_max_wavelength, self.rope_scaling_factor
+        )
+
     def _attend(self, query, key, value, attention_mask, training):
+        """Attention output [batch, seq, kv_heads, groups, head_dim]."""
         groups = self.num_query_heads // self.num_key_value_heads
         query = query * ops.cast(self.query_pre_attn_scalar**-0.5, query.dtype)
         batch, query_length = ops.shape(query)[0], ops.shape(query)[1]
@@ -265,23 +364,20 @@ class GemmaAttention(keras.layers.Layer):
             query,
             (batch, query_length, self.num_key_value_heads, groups, self.head_dim),
         )
-        logits = ops.einsum(
-            "bqkgh,bskh->bkgqs", query, key
-        )
+        logits = ops.einsum("bqkgh,bskh->bkgqs", query, key)
         logits = ops.cast(logits, "float32")
         if self.attention_logit_soft_cap is not None:
             cap = self.attention_logit_soft_cap
             logits = ops.tanh(logits / cap) * cap
-        mask = ops.expand_dims(ops.expand_dims(attention_mask, 1), 1)
+        mask = attention_mask
+        if len(mask.shape) == 3:
+            mask = ops.expand_dims(mask, (1, 2))
         logits = ops.where(mask, logits, _MASKED_LOGIT)
         probabilities = ops.softmax(logits, axis=-1)
         probabilities = self.dropout_layer(
             ops.cast(probabilities, self.compute_dtype), training=training
         )
-        output = ops.einsum("bkgqs,bskh->bqkgh", probabilities, value)
-        return ops.reshape(
-            output, (batch, query_length, self.num_query_heads, self.head_dim)
-        )
+        return ops.einsum("bkgqs,bskh->bqkgh", probabilities, value)
 
     def get_config(self):
         config = super().get_config()

@@ -2,6 +2,7 @@
 
 import keras
 
+from keras_gemma.layers.attention import CachePositions
 from keras_gemma.layers.attention import GemmaAttention, compute_attention_mask
 from keras_gemma.layers.attention import segment_mask_and_positions
 from keras_gemma.layers.feed_forward import build_feed_forward
@@ -122,19 +123,22 @@ class GemmaDecoderBlock(keras.layers.Layer):
         cache=None,
         cache_update_index=0,
         training=False,
+        cache_positions=None,
     ):
         """Runs the block on `inputs` [batch, seq, hidden].
 
         `padding_mask` [batch, keys] marks real tokens (keys are the inputs, or the cache's
         positions when a cache [batch, 2, max_length, kv_heads, head_dim] is given). With a
-        cache, returns `(outputs, updated_cache)`. Without a cache (training, scoring) the
-        mask may hold segment ids of packed examples (see `segment_mask_and_positions`).
+        cache, returns `(outputs, updated_cache)`; `cache_positions`, a `CachePositions` the
+        caller made once for all blocks of the call, then holds the masks and rotary tables
+        (and `padding_mask` and `cache_update_index` are read from it). Without a cache
+        (training, scoring) the mask may hold segment ids of packed examples (see
+        `segment_mask_and_positions`).
         """
-        query_length = keras.ops.shape(inputs)[1]
+        rotary_tables = None
         positions = None
         if cache is None:
-            # The full-sequence path reads segment ids; the cached (generation) path keeps its
-            # ops as they were, so decoding costs nothing for packing.
+            query_length = keras.ops.shape(inputs)[1]
             mask = compute_attention_mask(
                 query_length, query_length, sliding_window_size=self.sliding_window_size
             )
@@ -142,12 +146,17 @@ class GemmaDecoderBlock(keras.layers.Layer):
                 visible, positions = segment_mask_and_positions(padding_mask)
                 mask = keras.ops.logical_and(mask, visible)
         else:
-            mask = compute_attention_mask(
-                query_length,
-                keras.ops.shape(cache)[2],
-                start_index=cache_update_index,
-                padding_mask=padding_mask,
-                sliding_window_size=self.sliding_window_size,
+            if cache_positions is None:
+                cache_positions = CachePositions(
+                    keras.ops.shape(inputs)[1],
+                    keras.ops.shape(cache)[2],
+                    start_index=cache_update_index,
+                    padding_mask=padding_mask,
+                )
+            cache_update_index = cache_positions.start_index
+            mask = cache_positions.attention_mask(self.sliding_window_size)
+            rotary_tables = cache_positions.rotary_tables(
+                self.head_dim, self.rope_max_wavelength, self.rope_scaling_factor
             )
         x = self.pre_attention_norm(inputs)
         attended = self.attention(
@@ -157,6 +166,7 @@ class GemmaDecoderBlock(keras.layers.Layer):
             cache_update_index=cache_update_index,
             training=training,
             positions=positions,
+            rotary_tables=rotary_tables,
         )
         if cache is not None:
             attended, cache = attended
