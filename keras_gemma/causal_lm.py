@@ -12,6 +12,7 @@ from keras_gemma.generation import serialize_sampler
 from keras_gemma.generation.generation_methods import GenerationMethods
 from keras_gemma.generation.generator import Generator
 from keras_gemma.generation.training_data import preprocess_for_training
+from keras_gemma.layers.attention import CachePositions
 
 
 @keras.saving.register_keras_serializable(package="keras_gemma")
@@ -352,10 +353,18 @@ class GemmaCausalLM(GenerationMethods, keras.Model):
         backbone = self.backbone
         x = backbone.token_embedding(token_ids)
         x = x * ops.cast(math.sqrt(backbone.hidden_dim), x.dtype)
+        # Masks and rotary tables made once for all blocks (a traced torch step replays each op).
+        positions = CachePositions(
+            ops.shape(token_ids)[1], ops.shape(caches[0])[2], cache_update_index, padding_mask
+        )
         updated = []
         for block, cache in zip(backbone.transformer_layers, caches):
             x, cache = block(
-                x, padding_mask=padding_mask, cache=cache, cache_update_index=cache_update_index
+                x,
+                padding_mask=padding_mask,
+                cache=cache,
+                cache_update_index=cache_update_index,
+                cache_positions=positions,
             )
             updated.append(cache)
         return backbone.final_normalization(x), updated
