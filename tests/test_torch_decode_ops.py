@@ -187,3 +187,23 @@ def test_compiled_decode_gives_the_full_forward_greedy_tokens():
     )
     np.testing.assert_array_equal(to_numpy(cache), before)
     assert not np.array_equal(to_numpy(updated), before)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "mixed_bfloat16"])
+def test_rotary_tables_reach_a_16_bit_model_in_float32(dtype, monkeypatch):
+    """The per-call tables pass through Layer.__call__ inside CachePositions: as tensor
+    arguments Keras would cast them to the layer's bfloat16 compute dtype (8 bits of
+    mantissa: angles past 256 collide)."""
+    from keras_gemma.layers import attention
+
+    seen = []
+    apply_rotary = attention.apply_rotary
+
+    def spy(inputs, tables):
+        seen.extend(keras.backend.standardize_dtype(t.dtype) for t in tables)
+        return apply_rotary(inputs, tables)
+
+    monkeypatch.setattr(attention, "apply_rotary", spy)
+    lm = _gemma3_lm(2, dtype)
+    lm.call_with_cache(np.zeros((1, 3), "int32"), lm.empty_cache(1, WIDTH), 0)
+    assert seen and set(seen) == {"float32"}

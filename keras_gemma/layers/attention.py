@@ -305,7 +305,7 @@ class GemmaAttention(keras.layers.Layer):
         cache_update_index=0,
         training=False,
         positions=None,
-        rotary_tables=None,
+        cache_positions=None,
     ):
         """Attends `inputs` [batch, seq, hidden] under `attention_mask`.
 
@@ -314,12 +314,19 @@ class GemmaAttention(keras.layers.Layer):
         Without a cache the keys are the inputs themselves. With a cache
         [batch, 2, max_length, kv_heads, head_dim], this call's keys and values are written
         at `cache_update_index` and attention runs over the whole cache; the updated cache is
-        returned with the output. Rotary positions: `rotary_tables` (from
-        `CachePositions.rotary_tables`, for this layer's RoPE settings) if given, else
-        `positions` [batch, seq] (packed rows restart them per example), else counting from
-        `cache_update_index`.
+        returned with the output. Rotary positions: those of `cache_positions` (a
+        `CachePositions` shared by the blocks of one cached call, which keeps the tables of
+        each RoPE setting) if given, else `positions` [batch, seq] (packed rows restart them
+        per example), else counting from `cache_update_index`.
         """
-        if rotary_tables is None:
+        # The tables come in inside `cache_positions`, not as tensors: Layer.__call__ would
+        # cast floating tensor arguments to a bfloat16 layer's compute dtype, and RoPE
+        # angles must stay float32.
+        if cache_positions is not None:
+            rotary_tables = cache_positions.rotary_tables(
+                self.head_dim, self.rope_max_wavelength, self.rope_scaling_factor
+            )
+        else:
             if positions is None:
                 query_length = ops.shape(inputs)[1]
                 positions = ops.arange(query_length, dtype="int32") + ops.cast(

@@ -135,7 +135,6 @@ class GemmaDecoderBlock(keras.layers.Layer):
         (training, scoring) the mask may hold segment ids of packed examples (see
         `segment_mask_and_positions`).
         """
-        rotary_tables = None
         positions = None
         if cache is None:
             query_length = keras.ops.shape(inputs)[1]
@@ -155,9 +154,6 @@ class GemmaDecoderBlock(keras.layers.Layer):
                 )
             cache_update_index = cache_positions.start_index
             mask = cache_positions.attention_mask(self.sliding_window_size)
-            rotary_tables = cache_positions.rotary_tables(
-                self.head_dim, self.rope_max_wavelength, self.rope_scaling_factor
-            )
         x = self.pre_attention_norm(inputs)
         attended = self.attention(
             x,
@@ -166,7 +162,7 @@ class GemmaDecoderBlock(keras.layers.Layer):
             cache_update_index=cache_update_index,
             training=training,
             positions=positions,
-            rotary_tables=rotary_tables,
+            cache_positions=cache_positions,
         )
         if cache is not None:
             attended, cache = attended
