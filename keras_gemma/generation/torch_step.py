@@ -182,7 +182,7 @@ def _is_full_slice(node):
     dim, start, end, step = (v.toIValue() for v in inputs[1:])
     if not sizes or dim is None or step != 1 or start not in (None, 0):
         return False
-    return end is None or end >= sizes[dim]
+    return end is None or (isinstance(sizes[dim], int) and end >= sizes[dim])
 
 
 def _constant_size(node):
@@ -193,4 +193,5 @@ def _constant_size(node):
     sizes = inputs[0].type().sizes() if hasattr(inputs[0].type(), "sizes") else None
     if not sizes:
         return None
-    return sizes[inputs[1].toIValue()]
+    size = sizes[inputs[1].toIValue()]
+    return size if isinstance(size, int) else None
