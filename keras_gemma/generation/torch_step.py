@@ -33,7 +33,7 @@ import warnings
 import keras
 from keras import tree
 
-from keras_gemma.layers.attention import cache_writes_in_place
+from keras_gemma.layers.kv_cache import cache_writes_in_place
 
 
 def tracing_enabled():

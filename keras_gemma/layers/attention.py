@@ -1,13 +1,12 @@
 """Grouped-query attention with Gemma's switches and a preallocated KV cache."""
 
-import contextlib
-
 import keras
 from keras import ops
 
 from keras_gemma.layers.decode_matmul import decode_matmul
 from keras_gemma.layers.decode_matmul import is_decode_step
 from keras_gemma.layers.initialization import initializer
+from keras_gemma.layers.kv_cache import write_to_cache
 from keras_gemma.layers.lora_einsum import GemmaEinsumDense
 from keras_gemma.layers.normalization import RMSNormalization
 from keras_gemma.layers.rotary import apply_rotary
@@ -94,41 +93,6 @@ class CachePositions:
         if tables is None:
             tables = self._tables[key] = rotary_tables(self.positions, *key)
         return tables
-
-
-_in_place = {"active": False}
-
-
-@contextlib.contextmanager
-def cache_writes_in_place():
-    """Within this context the torch backend writes KV caches in place.
-
-    For a caller that owns the caches it passes and keeps only the updated ones: the traced
-    decode step (generation/torch_step.py). A cache rebuilt by `slice_update` is a copy of
-    the whole cache per layer and token, and ~15 recorded ops. Elsewhere (and on JAX and
-    TensorFlow, whose compiled `slice_update` already writes in place) caches are values:
-    `call_with_cache` never changes the cache it is given.
-    """
-    previous = _in_place["active"]
-    _in_place["active"] = True
-    try:
-        yield
-    finally:
-        _in_place["active"] = previous
-
-
-def write_to_cache(cache, start_index, keys_and_values):
-    """`cache` [batch, 2, max_length, kv_heads, head_dim] with `keys_and_values`
-    [batch, 2, new, kv_heads, head_dim] written at positions `start_index, ...`.
-
-    Example:
-    >>> cache = write_to_cache(cache, index, ops.stack((key, value), axis=1))
-    """
-    if _in_place["active"] and keras.backend.backend() == "torch":
-        # narrow() takes the start as a tensor, so the traced step keeps it a runtime value.
-        cache.narrow(2, start_index, keys_and_values.shape[2]).copy_(keys_and_values)
-        return cache
-    return ops.slice_update(cache, [0, 0, start_index, 0, 0], keys_and_values)
 
 
 def segment_mask_and_positions(padding_mask):

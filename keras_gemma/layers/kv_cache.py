@@ -1,0 +1,42 @@
+"""Keys and values written into a preallocated KV cache [batch, 2, max_length, kv, head_dim]."""
+
+import contextlib
+
+import keras
+from keras import ops
+
+_in_place = {"active": False}
+
+
+@contextlib.contextmanager
+def cache_writes_in_place():
+    """Within this context the torch backend writes KV caches in place.
+
+    For a caller that owns the caches it passes and keeps only the updated ones: the traced
+    decode step (generation/torch_step.py). A cache rebuilt by `slice_update` is a copy of
+    the whole cache per layer and token, and ~15 recorded ops. Elsewhere (and on JAX and
+    TensorFlow, whose compiled `slice_update` already writes in place) caches are values:
+    `call_with_cache` never changes the cache it is given.
+    """
+    previous = _in_place["active"]
+    _in_place["active"] = True
+    try:
+        yield
+    finally:
+        _in_place["active"] = previous
+
+
+def write_to_cache(cache, start_index, keys_and_values):
+    """`cache` [batch, 2, max_length, kv_heads, head_dim] with `keys_and_values`
+    [batch, 2, new, kv_heads, head_dim] written at positions `start_index, ...`.
+
+    Example:
+    >>> cache = write_to_cache(cache, index, ops.stack((key, value), axis=1))
+    """
+    if _in_place["active"] and keras.backend.backend() == "torch":
+        # narrow() takes the start as a tensor, so the traced step keeps it a runtime value.
+        # It reads that start on the host: on a GPU, a sync that CUDA graph capture refuses
+        # (index_copy_ with a device index would not).
+        cache.narrow(2, start_index, keys_and_values.shape[2]).copy_(keys_and_values)
+        return cache
+    return ops.slice_update(cache, [0, 0, start_index, 0, 0], keys_and_values)
