@@ -16,6 +16,8 @@ saving, and Keras' own merge (`_get_kernel_with_merged_lora`) are untouched.
 import keras
 from keras import ops
 
+from keras_gemma.layers import sixteen_bit_product
+
 _RANK_LETTERS = "rstuvwxyzRSTUVWXYZ"
 
 
@@ -46,7 +48,9 @@ class GemmaEinsumDense(keras.layers.EinsumDense):
     Same constructor, variables and saving as Keras' layer. Only a quantized call with LoRA
     enabled differs: Keras' quantized product without LoRA, plus
     `alpha / rank * einsum(einsum(inputs, b), a)`; the full-size `a @ b` is never formed, so
-    int8 + LoRA ("QLoRA") keeps only int8 kernels and rank-sized factors.
+    int8 + LoRA ("QLoRA") keeps only int8 kernels and rank-sized factors. A bfloat16 or
+    float16 kernel under JAX on a CPU multiplies through `sixteen_bit_product`, which keeps
+    XLA from holding a float32 copy of every weight at once.
 
     Example:
     >>> layer = GemmaEinsumDense("btd,fd->btf", output_shape=(None, 8))
@@ -56,6 +60,19 @@ class GemmaEinsumDense(keras.layers.EinsumDense):
     >>> layer(keras.ops.ones((1, 3, 4))).shape
     (1, 3, 8)
     """
+
+    def call(self, inputs, training=None):
+        # Training a 16-bit model under XLA on a CPU: a product that does not hold a float32
+        # copy of every weight at once (see sixteen_bit_product.py). Inference keeps Keras'
+        # call: generation's own paths already bound its memory, and its tokens must not
+        # depend on which program a product was compiled into.
+        kernel = self.kernel
+        plain = self.bias is None and self.activation in (None, keras.activations.linear)
+        if training and plain and sixteen_bit_product.runs_here(kernel):
+            return sixteen_bit_product.sixteen_bit_einsum(
+                self.equation, ops.convert_to_tensor(inputs), ops.convert_to_tensor(kernel)
+            )
+        return super().call(inputs, training=training)
 
     def quantize(self, mode=None, type_check=True, config=None):
         # Keras refuses subclasses by default (their call may differ from EinsumDense's);

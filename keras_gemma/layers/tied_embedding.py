@@ -12,13 +12,17 @@ product with the dequantized embedding, as Keras' int8 EinsumDense does for its 
 import keras
 from keras import ops
 
+from keras_gemma.layers import sixteen_bit_product
+
 
 @keras.saving.register_keras_serializable(package="keras_gemma")
 class GemmaReversibleEmbedding(keras.layers.ReversibleEmbedding):
     """`keras.layers.ReversibleEmbedding` whose int8 tied logits have a true input gradient.
 
     Same constructor, variables and saving as Keras' layer; only the int8 reverse call's
-    gradient differs (the soft-cap, when set, is included in it).
+    gradient differs (the soft-cap, when set, is included in it), and training a bfloat16
+    model under JAX on a CPU computes the logits a block of the vocabulary at a time
+    (`sixteen_bit_product.sixteen_bit_logits`).
 
     Example:
     >>> embedding = GemmaReversibleEmbedding(100, 16, tie_weights=True)
@@ -27,6 +31,29 @@ class GemmaReversibleEmbedding(keras.layers.ReversibleEmbedding):
     >>> embedding(keras.ops.ones((1, 3, 16)), reverse=True).shape
     (1, 3, 100)
     """
+
+    def call(self, inputs, reverse=False, training=None):
+        # Training a 16-bit model under XLA on a CPU: tied logits that never hold the whole
+        # embedding in float32 (see sixteen_bit_product.py). Keras' call everywhere else.
+        if (
+            training
+            and reverse
+            and self.tie_weights
+            and self.reverse_dtype is None
+            and sixteen_bit_product.runs_here(self.embeddings)
+        ):
+            logits = sixteen_bit_product.sixteen_bit_logits(
+                ops.convert_to_tensor(inputs), ops.convert_to_tensor(self.embeddings)
+            )
+            if self.logit_soft_cap is not None:
+                cap = self.logit_soft_cap
+                logits = ops.multiply(ops.tanh(ops.divide(logits, cap)), cap)
+            return logits
+        return super().call(inputs, reverse=reverse)
+
+    def quantized_call(self, *args, training=None, **kwargs):
+        # `training` exists for `call` above; Keras' quantized calls do not take it.
+        return super().quantized_call(*args, **kwargs)
 
     def quantize(self, mode=None, type_check=True, config=None):
         # Keras refuses subclasses by default; this one keeps ReversibleEmbedding's calls.

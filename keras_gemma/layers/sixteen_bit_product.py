@@ -1,0 +1,150 @@
+"""`einsum(equation, inputs, kernel)` for 16-bit kernels under XLA on a CPU, in bounded memory.
+
+XLA's CPU dot has no bfloat16 kernel: it converts both operands to float32 and multiplies in
+float32. A weight's conversion depends on nothing but the weight, so XLA's scheduler is free
+to run it anywhere, and it runs all of them first: a forward pass (or a training step) of a
+bfloat16 model holds a float32 copy of every weight at once, and autodiff keeps each copy
+alive until the backward pass needs it (a residual). Measured on this repository's CPU machine
+(6 gemma_2b_en-shaped FFN layers, bfloat16, gradient of a small LoRA-like factor, 128 tokens):
+805 MB of weights, 1.62 GB of XLA temporaries with `jnp.einsum`; 0.24 GB with this product.
+At the 2B shape that is the difference between a LoRA step that needs ~15 GB and one that
+fits in 8 (see benchmarks/finetune.py).
+
+The product makes the float32 copy depend on the activations (it adds a zero read from
+them, which XLA cannot fold away: `0 * x` is NaN for an infinite x), so the copy can only be
+made when the layer runs, and a `jax.custom_vjp` keeps the 16-bit weight, not the copy, for
+the backward pass, which converts again (tied to the incoming gradient). Optimization
+barriers were tried first: XLA's CPU pipeline removes them before scheduling, and the copies
+stayed (1.62 GB). Numerics are those of XLA's own bfloat16 dot: float32 products and sums,
+the result rounded to the inputs' dtype.
+
+Used by `GemmaEinsumDense` when training 16-bit kernels on the JAX backend on a CPU; everywhere else
+(float32 kernels, GPUs and TPUs with native 16-bit dots, TensorFlow and PyTorch, whose CPU
+kernels read bfloat16 directly) Keras' own einsum runs.
+"""
+
+import functools
+
+import keras
+
+
+def runs_here(kernel):
+    """True when this product should replace `ops.einsum` for `kernel` (see the module doc)."""
+    if keras.backend.backend() != "jax":
+        return False
+    if keras.backend.standardize_dtype(kernel.dtype) not in ("bfloat16", "float16"):
+        return False
+    import jax
+
+    return jax.default_backend() == "cpu"
+
+
+def sixteen_bit_einsum(equation, inputs, kernel):
+    """`einsum(equation, inputs, kernel)` in float32 with the result in `inputs.dtype`.
+
+    Example:
+    >>> x = keras.ops.ones((1, 3, 4), "bfloat16")
+    >>> w = keras.ops.ones((8, 4), "bfloat16")
+    >>> sixteen_bit_einsum("btd,fd->btf", x, w).shape
+    (1, 3, 8)
+    """
+    return _product(equation)(inputs, kernel)
+
+
+def _float32_after(weight, anchor):
+    """`weight` in float32, computed no earlier than `anchor` (a zero read from it is added)."""
+    import jax.numpy as jnp
+
+    zero = (anchor.reshape(-1)[0] * 0).astype(jnp.float32)
+    return weight.astype(jnp.float32) + zero
+
+
+@functools.lru_cache(maxsize=None)
+def _product(equation):
+    import jax
+    import jax.numpy as jnp
+
+    def float32_einsum(inputs, kernel32):
+        return jnp.einsum(
+            equation, inputs.astype(jnp.float32), kernel32, preferred_element_type=inputs.dtype
+        )
+
+    @jax.custom_vjp
+    def product(inputs, kernel):
+        return float32_einsum(inputs, _float32_after(kernel, inputs))
+
+    def forward(inputs, kernel):
+        return product(inputs, kernel), (inputs, kernel)
+
+    def backward(residuals, gradient):
+        inputs, kernel = residuals
+        # A frozen kernel's gradient is computed here and dropped by XLA when nobody reads it.
+        _, pullback = jax.vjp(float32_einsum, inputs, _float32_after(kernel, gradient))
+        inputs_gradient, kernel_gradient = pullback(gradient)
+        return inputs_gradient, kernel_gradient.astype(kernel.dtype)
+
+    product.defvjp(forward, backward)
+    return product
+
+
+def sixteen_bit_logits(hidden, embeddings, chunk_bytes=2**28):
+    """`hidden @ embeddings.T` (tied logits) in float32 pieces of at most `chunk_bytes`.
+
+    The embedding is the largest weight (gemma_2b_en: 256,000 x 2,048, 2.1 GB in float32):
+    one float32 copy of it would take a third of a bfloat16 LoRA step's memory. Here it is
+    converted a block of rows at a time, each block after the previous block's logits (and
+    in the backward pass, after the previous block's share of the hidden-state gradient), so
+    one block is alive at a time. The result is in `hidden.dtype`.
+
+    Example:
+    >>> h = keras.ops.ones((1, 3, 4), "bfloat16")
+    >>> table = keras.ops.ones((10, 4), "bfloat16")
+    >>> sixteen_bit_logits(h, table, chunk_bytes=64).shape
+    (1, 3, 10)
+    """
+    vocabulary, width = embeddings.shape
+    rows = max(1, min(vocabulary, chunk_bytes // (4 * width)))
+    return _chunked_logits(rows)(hidden, embeddings)
+
+
+@functools.lru_cache(maxsize=None)
+def _chunked_logits(rows):
+    import jax
+    import jax.numpy as jnp
+
+    def blocks(vocabulary):
+        return [(start, min(start + rows, vocabulary)) for start in range(0, vocabulary, rows)]
+
+    def forward_logits(hidden, embeddings):
+        hidden32 = hidden.astype(jnp.float32)
+        pieces, anchor = [], hidden
+        for start, stop in blocks(embeddings.shape[0]):
+            table = _float32_after(embeddings[start:stop], anchor)
+            anchor = jnp.einsum("...d,vd->...v", hidden32, table).astype(hidden.dtype)
+            pieces.append(anchor)
+        return jnp.concatenate(pieces, axis=-1)
+
+    @jax.custom_vjp
+    def logits(hidden, embeddings):
+        return forward_logits(hidden, embeddings)
+
+    def forward(hidden, embeddings):
+        return forward_logits(hidden, embeddings), (hidden, embeddings)
+
+    def backward(residuals, gradient):
+        hidden, embeddings = residuals
+        hidden32 = hidden.astype(jnp.float32)
+        hidden_gradient = jnp.zeros(hidden.shape, jnp.float32)
+        table_gradients = []
+        for start, stop in blocks(embeddings.shape[0]):
+            piece = gradient[..., start:stop].astype(jnp.float32)
+            table = _float32_after(embeddings[start:stop], hidden_gradient)
+            hidden_gradient = hidden_gradient + jnp.einsum("...v,vd->...d", piece, table)
+            # Dropped by XLA when the embedding is frozen (LoRA).
+            table_gradients.append(
+                jnp.einsum("...v,...d->vd", piece, hidden32).astype(embeddings.dtype)
+            )
+        return hidden_gradient.astype(hidden.dtype), jnp.concatenate(table_gradients, axis=0)
+
+    logits.defvjp(forward, backward)
+    return logits
