@@ -5,6 +5,7 @@ import keras
 from keras_gemma.layers.attention import CachePositions
 from keras_gemma.layers.attention import GemmaAttention, compute_attention_mask
 from keras_gemma.layers.attention import segment_mask_and_positions
+from keras_gemma.layers.block_remat import rematerialized_block_call
 from keras_gemma.layers.feed_forward import build_feed_forward
 from keras_gemma.layers.feed_forward import feed_forward_projections
 from keras_gemma.layers.feed_forward import gated_feed_forward
@@ -178,6 +179,22 @@ class GemmaDecoderBlock(keras.layers.Layer):
         if cache is not None:
             return x, cache
         return x
+
+    def rematerialized_call(self, layer_call, *args, **kwargs):
+        """Keras' rematerialization (`keras.RematScope`) in a form that saves memory here.
+
+        See block_remat.py: only tensors pass through the checkpoint, and under XLA on a
+        CPU the recomputation is tied to the backward pass. A call with a KV cache
+        (generation) has no backward pass and is never rematerialized.
+        """
+        rematerialized = super().rematerialized_call(layer_call, *args, **kwargs)
+        if rematerialized is layer_call or kwargs.get("cache") is not None:
+            return layer_call
+
+        def call(inputs, padding_mask=None, **options):
+            return rematerialized_block_call(self, layer_call, inputs, padding_mask, options)
+
+        return call
 
     def compute_output_shape(self, input_shape):
         return input_shape
