@@ -9,12 +9,12 @@ the same model; transformers' `gguf_file=` reader is the independent check (test
 """
 
 import os
-import struct
 
 import numpy as np
 
 from keras_gemma.checkpoints.gguf import _gguf_module, _matching_card, gguf_tensor_table
 from keras_gemma.checkpoints.sentencepiece_proto import CONTROL, UNKNOWN, USER_DEFINED
+from keras_gemma.checkpoints.sentencepiece_proto import read_model
 from keras_gemma.atomic_write import atomic_file
 from keras_gemma.export.common import (
     generation_of,
@@ -28,58 +28,6 @@ DTYPES = ("f16", "bf16", "q8_0")
 _Q8_0_BLOCK = 32  # values per Q8_0 block: a row must be a multiple of it
 
 
-def _varint(data, position):
-    value = shift = 0
-    while True:
-        byte = data[position]
-        position += 1
-        value |= (byte & 0x7F) << shift
-        shift += 7
-        if byte < 0x80:
-            return value, position
-
-
-def _fields(data):
-    """(field number, wire type, value) of a protobuf message, in order."""
-    position = 0
-    while position < len(data):
-        key, position = _varint(data, position)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            value, position = _varint(data, position)
-        elif wire == 5:
-            value, position = struct.unpack("<f", data[position:position + 4])[0], position + 4
-        elif wire == 1:
-            value, position = data[position:position + 8], position + 8
-        elif wire == 2:
-            length, position = _varint(data, position)
-            value, position = data[position:position + length], position + length
-        else:
-            raise ValueError(f"the SentencePiece model has an unreadable field (wire type {wire}).")
-        yield number, wire, value
-
-
-def _sentencepiece_pieces(proto):
-    """([(piece, score, type)], add_dummy_prefix) of a serialized SentencePiece ModelProto."""
-    pieces, add_dummy_prefix = [], True  # SentencePiece's default when the spec omits it
-    for number, _, value in _fields(proto):
-        if number == 1:  # SentencePiece
-            piece, score, kind = "", 0.0, 1  # type defaults to NORMAL
-            for field, _, item in _fields(value):
-                if field == 1:
-                    piece = bytes(item).decode("utf-8")
-                elif field == 2:
-                    score = item
-                elif field == 3:
-                    kind = item
-            pieces.append((piece, score, kind))
-        elif number == 3:  # NormalizerSpec
-            for field, _, item in _fields(value):
-                if field == 3:
-                    add_dummy_prefix = bool(item)
-    return pieces, add_dummy_prefix
-
-
 def llama_cpp_vocabulary(proto):
     """(tokens, scores, types, add_space_prefix) as llama.cpp's converter stores Gemma's vocabulary.
 
@@ -88,7 +36,7 @@ def llama_cpp_vocabulary(proto):
     user-defined pieces (whitespace runs) are spelled with real spaces instead of '▁', and
     these pieces score -1000, as in llama.cpp's Gemma files.
     """
-    pieces, add_dummy_prefix = _sentencepiece_pieces(proto)
+    pieces, add_dummy_prefix = read_model(proto)
     tokens, scores, types = [], [], []
     for piece, score, kind in pieces:
         if kind == UNKNOWN or (kind == USER_DEFINED and piece.startswith("<")) or (
