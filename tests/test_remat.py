@@ -39,7 +39,7 @@ def _loss_and_gradients(lm, batch):
     if BACKEND == "jax":
         import jax
 
-        loss, grads = jax.value_and_grad(loss_of)(values)
+        loss, grads = jax.jit(jax.value_and_grad(loss_of))(values)
     elif BACKEND == "tensorflow":
         import tensorflow as tf
 
@@ -85,10 +85,12 @@ def test_remat_gives_the_same_loss_gradients_and_tokens(generation):
     assert len(grads) == len(remat_grads) == 2 * 2 * len(plain.backbone.transformer_layers)
     for g, r in zip(grads, remat_grads):
         np.testing.assert_allclose(r, g, rtol=1e-5, atol=1e-6)
-    # fit runs, and generation (a cached call: never rematerialized) gives the same ids.
-    remat.compile(optimizer=keras.optimizers.SGD(0.0),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    remat.fit(batch[0], batch[1], batch_size=2, epochs=1, verbose=0)
+    if generation == "gemma":  # Keras' own training step runs the rematerialized blocks
+        remat.compile(optimizer=keras.optimizers.SGD(0.0),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        remat.fit(batch[0], batch[1], batch_size=2, epochs=1, verbose=0)
+        return
+    # Generation (cached calls: never rematerialized) gives the same ids.
     prompt = {"token_ids": ids[:, :8], "padding_mask": np.arange(8)[None].repeat(2, 0) < 4}
     expected = plain.generate(prompt, max_length=8, stop_token_ids=None)
     actual = remat.generate(prompt, max_length=8, stop_token_ids=None)
