@@ -9,6 +9,8 @@ default jit_compile) and runs `fit` on the same token batches (seeded). It repor
 - train tokens/s after the first step (mean over steps 2..N) and the best single step;
 - the first step's time (compile + one step);
 - peak RSS of the child (ru_maxrss, includes loading);
+- `--implementations keras_gemma_remat` is ours built under `keras.RematScope` (every
+  decoder block recomputed in the backward pass), for long sequences;
 - trainable parameters and the loss Keras reports after N steps;
 - model FLOP/s: matmul FLOPs per step (forward 2 per weight and token; the backward's input
   gradient 2 more; weight gradients 2 more for the trained ones) over the best step.
@@ -62,7 +64,10 @@ if implementation == "keras_hub":
     model = keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
 else:
     import keras_gemma
-    backbone = keras_gemma.GemmaBackbone.from_preset(path, dtype=dtype)
+    blocks = [f"decoder_block_{index}" for index in range(64)]
+    remat = implementation == "keras_gemma_remat"  # README's keras.RematScope recipe
+    with keras.RematScope(mode="list_of_layers" if remat else None, layer_names=blocks):
+        backbone = keras_gemma.GemmaBackbone.from_preset(path, dtype=dtype)
     model = keras_gemma.GemmaCausalLM(backbone, compile=False)
 if quantize:
     model.quantize("int8")
@@ -183,7 +188,8 @@ def main():
     for shape_name in args.shapes.split(","):
         shape = SHAPES[shape_name]
         keras_hub_dir, ours_dir = write_checkpoints(os.path.join(args.dir, shape_name), shape)
-        paths = {"keras_hub": keras_hub_dir, "keras_gemma": ours_dir}
+        paths = {"keras_hub": keras_hub_dir, "keras_gemma": ours_dir,
+                 "keras_gemma_remat": ours_dir}
         for config in args.configs.split(","):
             for backend in args.backends.split(","):
                 found = {name: [] for name in args.implementations.split(",")}
@@ -202,15 +208,15 @@ def main():
 def print_table(rows, roofs, args):
     print(f"\nbatch {args.batch} x {args.length} tokens, {args.steps} steps, best of "
           f"{args.rounds} round(s)")
-    print(f"{'shape':6s} {'config':20s} {'backend':10s} {'impl':11s} {'tok/s':>7s} {'best':>7s} "
+    print(f"{'shape':6s} {'config':20s} {'backend':10s} {'impl':17s} {'tok/s':>7s} {'best':>7s} "
           f"{'first s':>8s} {'RSS GB':>7s} {'trainable':>11s} {'loss':>7s} {'GFLOP/s':>8s}")
     for shape, config, backend, best, flops in rows:
         for name, result in best.items():
             if "error" in result:
-                print(f"{shape:6s} {config:20s} {backend:10s} {name:11s} ERROR {result['error']}")
+                print(f"{shape:6s} {config:20s} {backend:10s} {name:17s} ERROR {result['error']}")
                 continue
             gflops = flops * result["best_tokens_per_second"] / (args.batch * args.length) / 1e9
-            print(f"{shape:6s} {config:20s} {backend:10s} {name:11s} "
+            print(f"{shape:6s} {config:20s} {backend:10s} {name:17s} "
                   f"{result['tokens_per_second']:7.1f} {result['best_tokens_per_second']:7.1f} "
                   f"{result['first_step_seconds']:8.1f} {result['peak_rss_gb']:7.2f} "
                   f"{result['trainable']:11,d} {result['loss']:7.3f} {gflops:8.1f}")
