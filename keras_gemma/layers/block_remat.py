@@ -18,6 +18,8 @@ Keras' remat hands the layer's call to the backend's checkpoint: `tf.recompute_g
 
 import keras
 
+from keras_gemma.layers.sixteen_bit_product import zero_after
+
 
 def rematerialized_block_call(block, layer_call, inputs, padding_mask, options):
     """`layer_call(inputs, padding_mask=padding_mask, **options)`, rematerialized."""
@@ -58,10 +60,9 @@ def _recompute_after_gradient(function):
 
     def backward(residuals, gradient):
         hidden, mask, values = residuals
-        # `0 * gradient` is NaN for an infinite gradient, so XLA cannot fold the zero away:
-        # the recomputation waits for the gradient of this block.
-        anchor = (gradient.reshape(-1)[0] * 0).astype(hidden.dtype)
-        _, pullback = jax.vjp(function, hidden + anchor, mask, values)
+        # The recomputation waits for the gradient of this block.
+        anchored = hidden + zero_after(gradient, hidden.dtype)
+        _, pullback = jax.vjp(function, anchored, mask, values)
         return pullback(gradient)
 
     rematerialized.defvjp(forward, backward)

@@ -51,12 +51,20 @@ def sixteen_bit_einsum(equation, inputs, kernel):
     return _product(equation)(inputs, kernel)
 
 
+def zero_after(anchor, dtype):
+    """A scalar zero of `dtype` that XLA can only compute once `anchor` exists.
+
+    `0 * x` is NaN for an infinite x, so XLA cannot fold it away; adding it to a value ties
+    that value's computation to `anchor` (the scheduler cannot hoist it earlier).
+    """
+    return (anchor.reshape(-1)[0] * 0).astype(dtype)
+
+
 def _float32_after(weight, anchor):
-    """`weight` in float32, computed no earlier than `anchor` (a zero read from it is added)."""
+    """`weight` in float32, computed no earlier than `anchor`."""
     import jax.numpy as jnp
 
-    zero = (anchor.reshape(-1)[0] * 0).astype(jnp.float32)
-    return weight.astype(jnp.float32) + zero
+    return weight.astype(jnp.float32) + zero_after(anchor, jnp.float32)
 
 
 @functools.lru_cache(maxsize=None)
