@@ -6,6 +6,7 @@ import keras
 from keras import ops
 
 from keras_gemma.checkpoints.preset_cards import PresetMapping
+from keras_gemma.collect_once import one_collection
 from keras_gemma.layers.decoder_block import GemmaDecoderBlock
 from keras_gemma.layers.initialization import initializer
 from keras_gemma.layers.normalization import RMSNormalization
@@ -303,6 +304,15 @@ class GemmaBackbone(LoraMethods, keras.Model):
             norms += 2 * head_dim
         per_layer = attention + feed_forward + norms
         return config["vocabulary_size"] * hidden + config["num_layers"] * per_layer + hidden
+
+    def quantize(self, mode=None, **kwargs):
+        """Keras' `Model.quantize` (e.g. "int8"), with one garbage collection in all.
+
+        Example:
+        >>> backbone.quantize("int8")
+        """
+        with one_collection():  # Keras collects garbage once per quantized layer otherwise
+            super().quantize(mode, **kwargs)
 
     @classmethod
     def from_preset(cls, preset, dtype=None, load_weights=True, **kwargs):

@@ -7,6 +7,7 @@ import keras
 from keras import ops
 
 from keras_gemma.checkpoints.preset_cards import PresetMapping
+from keras_gemma.collect_once import one_collection
 from keras_gemma.generation import get_sampler
 from keras_gemma.generation import serialize_sampler
 from keras_gemma.generation.generation_methods import GenerationMethods
@@ -271,7 +272,8 @@ class GemmaCausalLM(GenerationMethods, keras.Model):
 
     def quantize(self, mode=None, **kwargs):
         """Keras' `Model.quantize` (e.g. "int8"); compiled generate functions are rebuilt."""
-        super().quantize(mode, **kwargs)
+        with one_collection():  # Keras collects garbage once per quantized layer otherwise
+            super().quantize(mode, **kwargs)
         self.generator.reset()
 
     def merge_lora(self):

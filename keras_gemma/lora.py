@@ -14,6 +14,8 @@ respect to them only, so the frozen base weights get neither slots nor gradients
 import keras
 from keras import ops
 
+from keras_gemma.collect_once import one_collection
+
 
 class LoraMethods:
     """`enable_lora`, `save_lora_weights` and `load_lora_weights` for `GemmaBackbone`.
@@ -73,8 +75,9 @@ class LoraMethods:
         ]
         if not layers:
             raise ValueError("This backbone has no LoRA weights to merge; enable_lora first.")
-        for layer in layers:
-            _merge_layer(layer)
+        with one_collection():  # Keras collects garbage each time a layer drops a variable
+            for layer in layers:
+                _merge_layer(layer)
         for layer in self._flatten_layers(include_self=True):
             layer.trainable = True
 
