@@ -87,7 +87,8 @@ def _compute(path, out):
         "decoded": [tokenizer.decode(tokenizer(t, add_special_tokens=False).input_ids)
                     for t in CORPUS],
     }
-    temporary = out + ".partial.npz"
+    # One name per process: the backends' suites may compute the reference at once.
+    temporary = f"{out}.partial-{os.getpid()}.npz"
     np.savez(
         temporary,
         text_ids=text_ids[0].numpy(),
