@@ -28,7 +28,10 @@ spin-wait for the descheduled one: 11.1 -> 5.9 tok/s; OMP_WAIT_POLICY=PASSIVE 10
 thread 12.1).
 
 The model weights are traced as inputs (read through a `keras.StatelessScope`), so
-fine-tuning, LoRA and quantization are seen by the graph. `jit.trace` is deprecated in
+fine-tuning, LoRA and quantization are seen by the graph. The packed int8/int4 products
+(layers/quantized_products.py) are the exception: what they make once from the quantized
+variables is recorded as a constant, so a step whose non-trainable variables were replaced
+or written since it was traced traces again. `jit.trace` is deprecated in
 torch 2.13; if it is missing or fails, the step runs eagerly.
 Set `KERAS_GEMMA_TORCH_TRACE=0` to always decode eagerly.
 """
@@ -69,15 +72,20 @@ class TracedStep:
         self._traced = None
         self._failed = not tracing_enabled()
         self._output_structure = None
+        self._frozen = ()  # (index, tensor, version) of the non-trainable values traced
 
     def _variables(self):
         # Listed once: collecting them walks every layer (~3 ms a step for 18 blocks), and
         # the Generator makes a new TracedStep whenever the model's variables change.
         if self._variable_list is None:
-            self._variable_list = (
-                self.model.trainable_variables + self.model.non_trainable_variables
-            )
+            trainable = self.model.trainable_variables
+            self._variable_list = trainable + self.model.non_trainable_variables
+            self._first_frozen = len(trainable)
         return self._variable_list
+
+    def _stale(self, values):
+        """Whether a non-trainable value changed since the trace (a new tensor or a write)."""
+        return any(values[i] is not t or t._version != version for i, t, version in self._frozen)
 
     def __call__(self, *arguments):
         if self._failed:
@@ -85,7 +93,7 @@ class TracedStep:
         variables = self._variables()
         values = [v.value for v in variables]
         flat = tree.flatten(arguments)
-        if self._traced is None:
+        if self._traced is None or self._stale(values):
             self._trace(variables, values, arguments, flat)
             if self._failed:
                 return self.function(*arguments)
@@ -120,6 +128,9 @@ class TracedStep:
             self._failed = True
             return
         self.recorded_graph = self.graph = self._traced.graph
+        self._frozen = tuple(
+            (i, values[i], values[i]._version) for i in range(self._first_frozen, len(values))
+        )
         try:
             self._traced = simplified(self._traced)
             self.graph = self._traced.graph

@@ -11,11 +11,24 @@ an output axis (KerasHub's (in, out) layout) and fails on ours. This class keeps
 quantized product and adds the LoRA term in the order our layout needs: contract the
 inputs with `b` over the kernel's last axis (down to `rank`), then with `a`. The float path,
 saving, and Keras' own merge (`_get_kernel_with_merged_lora`) are untouched.
+
+Quantization, beyond LoRA (issue 17):
+- `quantize("int8")` is weight-only here (quantization_defaults.py: Keras' default also
+  rounds the activations per token, which costs perplexity and speed).
+- int4 fills Keras' int4 variables in the layout of int4_kernel.py: Keras' own int4
+  flattening is a plain reshape, right for (in, out) kernels and wrong for ours.
+- On torch, inference runs the int8/int4 products through PyTorch's packed CPU kernels
+  (quantized_products.py); training and the other backends keep a differentiable call.
 """
+
+import math
 
 import keras
 from keras import ops
 
+from keras_gemma.layers import int4_kernel
+from keras_gemma.layers import quantization_defaults
+from keras_gemma.layers import quantized_products
 from keras_gemma.layers import sixteen_bit_product
 
 _RANK_LETTERS = "rstuvwxyzRSTUVWXYZ"
@@ -48,7 +61,10 @@ class GemmaEinsumDense(keras.layers.EinsumDense):
     Same constructor, variables and saving as Keras' layer. Only a quantized call with LoRA
     enabled differs: Keras' quantized product without LoRA, plus
     `alpha / rank * einsum(einsum(inputs, b), a)`; the full-size `a @ b` is never formed, so
-    int8 + LoRA ("QLoRA") keeps only int8 kernels and rank-sized factors. A bfloat16 or
+    int8 + LoRA ("QLoRA") keeps only int8 kernels and rank-sized factors. `quantize("int8")`
+    is weight-only (per-channel int8 kernels, float activations); int4 keeps Keras'
+    variables in the (out, in)-aware layout of int4_kernel.py; on torch, inference
+    multiplies through PyTorch's packed int8/int4 CPU kernels. A bfloat16 or
     float16 kernel under JAX on a CPU multiplies through `sixteen_bit_product`, which keeps
     XLA from holding a float32 copy of every weight at once.
 
@@ -77,16 +93,134 @@ class GemmaEinsumDense(keras.layers.EinsumDense):
     def quantize(self, mode=None, type_check=True, config=None):
         # Keras refuses subclasses by default (their call may differ from EinsumDense's);
         # this one runs EinsumDense's call and changes only the quantized LoRA term.
-        return super().quantize(mode, type_check=False, config=config)
+        # Keras' default int8 config means weight-only here (quantization_defaults.py).
+        config = quantization_defaults.resolved(config)
+        mode = config.mode if config is not None else mode
+        if mode != "int4":
+            return super().quantize(mode, type_check=False, config=config)
+        # Keras' int4 variables, filled in the layout of int4_kernel.py (Keras' own fill
+        # mixes inputs with outputs for kernels stored (out, in)).
+        kernel = ops.convert_to_numpy(self._kernel)
+        super().quantize(mode, type_check=False, config=config)
+        packed, scale, zero = int4_kernel.quantize(self, kernel, self._int4_block_size)
+        self._kernel.assign(packed)
+        self.kernel_scale.assign(scale)
+        if zero is not None:
+            self.kernel_zero.assign(zero)
+
+    def _int8_build(self, kernel_shape, config=None):
+        # A quantized layer rebuilt from a saved model gets no config: weight-only as well.
+        super()._int8_build(kernel_shape, quantization_defaults.resolved(config))
+
+    @property
+    def kernel(self):
+        if self.quantization_mode != "int4":
+            return super().kernel
+        # Keras' property reshapes its own int4 layout; this is ours (int4_kernel.py): the
+        # int4 values in the kernel's shape, plus the LoRA term as Keras adds it.
+        kernel = int4_kernel.to_kernel_shape(self, int4_kernel.unpacked(self))
+        if self.lora_enabled:
+            delta = ops.matmul(self.lora_kernel_a, self.lora_kernel_b)
+            kernel = ops.cast(kernel + (self.lora_alpha / self.lora_rank) * delta,
+                              self.compute_dtype)
+        return kernel
 
     def _int8_call(self, inputs, training=None):
-        return self._with_lora(super()._int8_call, inputs, training)
+        return self._with_lora(self._int8_product, inputs, training)
 
     def _int4_call(self, inputs, training=None):
-        return self._with_lora(super()._int4_call, inputs, training)
+        return self._with_lora(self._int4_product, inputs, training)
 
     def _float8_call(self, inputs, training=None):
         return self._with_lora(super()._float8_call, inputs, training)
+
+    def _torch_form(self, inputs, training):
+        """`(batch axes, output axes)` when this call may use PyTorch's packed kernels."""
+        if self.bias is not None or self.activation not in (None, keras.activations.linear):
+            return None
+        if quantized_products.kernel_dtype(self) is None:
+            return None
+        if not quantized_products.torch_kernels_apply(
+            inputs, training, weight_only=self.inputs_quantizer is None
+        ):
+            return None
+        return quantized_products.matrix_form(self.equation)
+
+    def _int8_product(self, inputs, training=None):
+        form = self._torch_form(inputs, training)
+        if form is None:
+            plain = self.bias is None and self.activation in (None, keras.activations.linear)
+            if plain and self.inputs_quantizer is None and keras.backend.backend() == "torch":
+                # Keras 3.15's weight-only int8 call on torch rescales `kernel_scale` in
+                # place of the argument its gradient reads, which then fails; the same
+                # product, with the inputs' gradient through the dequantized kernel.
+                scale = self._adjust_scale_for_dequant(ops.convert_to_tensor(self.kernel_scale))
+                kernel = ops.divide(ops.cast(self._kernel, self.compute_dtype), scale)
+                return ops.einsum(self.equation, inputs, ops.stop_gradient(kernel))
+            return super()._int8_call(inputs, training=training)
+        batch_axes, output_axes = form
+        kernel = ops.convert_to_tensor(self._kernel)
+        dtype = quantized_products.kernel_dtype(self)
+        weights = quantized_products.int8_weights(
+            self, "kernel", kernel, ops.convert_to_tensor(self.kernel_scale), dtype
+        )
+        return quantized_products.on_rows(
+            ops.cast(inputs, self.compute_dtype), batch_axes, tuple(kernel.shape[:output_axes]),
+            lambda rows: quantized_products.int8_matmul(rows, weights),
+        )
+
+    def _int4_product(self, inputs, training=None):
+        if self.inputs_quantizer is not None:
+            raise NotImplementedError(f"{self.name}: int4 with an activation quantizer.")
+        shape = tuple(self.original_kernel_shape)
+        form = self._torch_form(inputs, training)
+        block_size = self._int4_block_size
+        if form is not None:
+            batch_axes, output_axes = form
+            n, k = math.prod(shape[:output_axes]), math.prod(shape[output_axes:])
+            if quantized_products.int4_supported(n, k, block_size):
+                return self._torch_int4(inputs, batch_axes, shape[:output_axes])
+        # Dequantized in the layout of int4_kernel.py; the int variables have no gradient,
+        # the inputs (and LoRA, added by _with_lora) keep theirs.
+        kernel = int4_kernel.to_kernel_shape(
+            self, int4_kernel.dequantized_flat(self, self.compute_dtype)
+        )
+        outputs = ops.einsum(self.equation, inputs, ops.stop_gradient(kernel))
+        if self.lora_enabled:  # reached only where Keras' LoRA order applies (_with_lora)
+            low = ops.einsum(self.equation, inputs, self.lora_kernel_a)
+            delta = ops.matmul(low, self.lora_kernel_b)
+            outputs = ops.add(outputs, (self.lora_alpha / self.lora_rank) * delta)
+        if self.bias is not None:
+            outputs = ops.add(outputs, self.bias)
+        if self.activation is not None:
+            outputs = self.activation(outputs)
+        return outputs
+
+    def _torch_int4(self, inputs, batch_axes, output_shape):
+        grouped = self._int4_block_size not in (None, -1)
+        weights = quantized_products.int4_weights(
+            self,
+            "kernel",
+            ops.convert_to_tensor(self._kernel),
+            lambda packed: int4_kernel.unpacked(self, packed).T,  # [in, out] -> [N, K]
+            ops.convert_to_tensor(self.kernel_scale),
+            ops.convert_to_tensor(self.kernel_zero) if grouped else None,
+            quantized_products.kernel_dtype(self),
+            groups_first=True,
+        )
+        return quantized_products.on_rows(
+            ops.cast(inputs, self.compute_dtype), batch_axes, tuple(output_shape),
+            lambda rows: quantized_products.int4_matmul(rows, weights),
+        )
+
+    def _get_kernel_with_merged_lora(self):
+        if self.quantization_mode != "int4" or not self.lora_enabled:
+            return super()._get_kernel_with_merged_lora()
+        # Keras' merge re-packs in its own int4 layout; merge and re-pack in ours.
+        kernel = int4_kernel.to_kernel_shape(self, int4_kernel.dequantized_flat(self, "float32"))
+        delta = ops.matmul(self.lora_kernel_a, self.lora_kernel_b)
+        merged = ops.convert_to_numpy(kernel + (self.lora_alpha / self.lora_rank) * delta)
+        return int4_kernel.quantize(self, merged, self._int4_block_size)
 
     def _with_lora(self, quantized_call, inputs, training):
         equations = lora_equations(self.equation) if self.lora_enabled else None

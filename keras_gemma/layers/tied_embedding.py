@@ -11,7 +11,10 @@ product with the dequantized embedding, as Keras' int8 EinsumDense does for its 
 
 import keras
 from keras import ops
+from keras import quantizers
 
+from keras_gemma.layers import quantization_defaults
+from keras_gemma.layers import quantized_products
 from keras_gemma.layers import sixteen_bit_product
 
 
@@ -57,11 +60,45 @@ class GemmaReversibleEmbedding(keras.layers.ReversibleEmbedding):
 
     def quantize(self, mode=None, type_check=True, config=None):
         # Keras refuses subclasses by default; this one keeps ReversibleEmbedding's calls.
+        # Keras' default int8 config means weight-only here, and its default int4 config an
+        # int8 embedding (quantization_defaults.py).
+        config = quantization_defaults.resolved_for_embedding(config)
+        mode = config.mode if config is not None else mode
         return super().quantize(mode, type_check=False, config=config)
+
+    def _int8_build(self, embeddings_shape, config=None):
+        # A quantized layer rebuilt from a saved model gets no config: weight-only as well.
+        super()._int8_build(embeddings_shape, quantization_defaults.resolved(config))
+
+    def _torch_kernels_apply(self, inputs, training=None):
+        return (
+            self.tie_weights
+            and quantized_products.kernel_dtype(self) is not None
+            and quantized_products.torch_kernels_apply(
+                inputs, training, weight_only=self.inputs_quantizer is None
+            )
+        )
+
+    def _soft_capped(self, logits):
+        if self.logit_soft_cap is None:
+            return logits
+        cap = self.logit_soft_cap
+        return ops.multiply(ops.tanh(ops.divide(logits, cap)), cap)
 
     def _int8_call(self, inputs, reverse=False):
         if not reverse or not self.tie_weights:
             return super()._int8_call(inputs, reverse=reverse)
+        if self._torch_kernels_apply(inputs):
+            # The [vocabulary, hidden] int8 table is the kernel's w [N, K] as stored.
+            weights = quantized_products.int8_weights(
+                self, "embeddings", ops.convert_to_tensor(self._embeddings),
+                ops.convert_to_tensor(self.embeddings_scale), quantized_products.kernel_dtype(self),
+            )
+            logits = quantized_products.on_rows(
+                ops.cast(inputs, self.compute_dtype), len(inputs.shape) - 1, (self.input_dim,),
+                lambda rows: quantized_products.int8_matmul(rows, weights),
+            )
+            return self._soft_capped(logits)
         forward = super()._int8_call
         cap = self.logit_soft_cap
 
@@ -85,3 +122,62 @@ class GemmaReversibleEmbedding(keras.layers.ReversibleEmbedding):
             ops.convert_to_tensor(self._embeddings),
             ops.convert_to_tensor(self.embeddings_scale),
         )
+
+    def _int4_call(self, inputs, reverse=False):
+        if not reverse:
+            return self._int4_lookup(inputs)
+        block_size = self._int4_block_size
+        if self._torch_kernels_apply(inputs) and quantized_products.int4_supported(
+            self.input_dim, self.output_dim, block_size
+        ):
+            grouped = block_size not in (None, -1)
+            weights = quantized_products.int4_weights(
+                self,
+                "embeddings",
+                ops.convert_to_tensor(self._embeddings),  # [vocabulary, hidden / 2]
+                lambda packed: quantizers.unpack_int4(packed, self.output_dim, axis=-1),
+                ops.convert_to_tensor(self.embeddings_scale),
+                ops.convert_to_tensor(self.embeddings_zero) if grouped else None,
+                quantized_products.kernel_dtype(self),
+                groups_first=False,
+            )
+            logits = quantized_products.on_rows(
+                ops.cast(inputs, self.compute_dtype), len(inputs.shape) - 1, (self.input_dim,),
+                lambda rows: quantized_products.int4_matmul(rows, weights),
+            )
+            return self._soft_capped(logits)
+        return super()._int4_call(inputs, reverse=True)
+
+    def _int4_lookup(self, ids):
+        """The rows of `ids`, dequantized: Keras' int4 lookup unpacks the whole table first
+        (262,144 x 640 values for the 270M on every decode step); this takes the packed rows
+        and unpacks those only. Same variables and formulas as Keras'."""
+        if keras.backend.standardize_dtype(ids.dtype) not in ("int32", "int64"):
+            ids = ops.cast(ids, "int32")
+        values = ops.cast(
+            quantizers.unpack_int4(ops.take(self._embeddings, ids, axis=0), self.output_dim,
+                                   axis=-1),
+            self.compute_dtype,
+        )
+        scale = ops.cast(ops.take(self.embeddings_scale, ids, axis=0), self.compute_dtype)
+        block_size = self._int4_block_size
+        if block_size in (None, -1):
+            outputs = ops.divide(values, ops.expand_dims(scale, -1))
+        else:
+            zero = ops.cast(ops.take(self.embeddings_zero, ids, axis=0), self.compute_dtype)
+            groups = scale.shape[-1]
+            padded = groups * block_size
+            values = ops.reshape(values, (-1, self.output_dim))
+            if padded != self.output_dim:
+                values = ops.pad(values, ((0, 0), (0, padded - self.output_dim)))
+            grouped = ops.reshape(values, (-1, groups, block_size))
+            zero = ops.reshape(zero, (-1, groups, 1))
+            scale = ops.reshape(scale, (-1, groups, 1))
+            outputs = ops.reshape((grouped - zero) * scale, (-1, padded))[:, : self.output_dim]
+            outputs = ops.reshape(outputs, tuple(ops.shape(ids)) + (self.output_dim,))
+        if self.lora_enabled:
+            low = ops.take(self.lora_embeddings_a, ids, axis=0)
+            delta = ops.matmul(low, self.lora_embeddings_b)
+            outputs = ops.cast(outputs + (self.lora_alpha / self.lora_rank) * delta,
+                               self.compute_dtype)
+        return outputs
