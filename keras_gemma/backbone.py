@@ -1,6 +1,7 @@
 """GemmaBackbone: token ids and a padding mask in, final-normalized hidden states out."""
 
 import math
+import warnings
 
 import keras
 from keras import ops
@@ -246,9 +247,24 @@ class GemmaBackbone(LoraMethods, keras.Model):
             "global_rope_max_wavelength": self.global_rope_max_wavelength,
             "local_rope_scaling_factor": self.local_rope_scaling_factor,
             "global_rope_scaling_factor": self.global_rope_scaling_factor,
-            # The layers carry the policy the model was built with (Functional may not).
-            "dtype": keras.dtype_policies.serialize(self.token_embedding.dtype_policy),
+            "dtype": keras.dtype_policies.serialize(self._dtype_policy_for_config()),
         }
+
+    def _dtype_policy_for_config(self):
+        """The policy to rebuild this model with: the layers' own (Functional may not keep
+        the model's), or, once some layers are quantized, a `DTypePolicyMap` naming them so
+        that a saved quantized model is rebuilt with int8/int4 variables and never in float."""
+        policy = self.final_normalization.dtype_policy
+        if isinstance(policy, keras.dtype_policies.DTypePolicyMap):
+            return policy  # built from a map; `quantize` since then updated it in place
+        quantized = {
+            layer.path: layer.dtype_policy
+            for layer in self._flatten_layers(include_self=False)
+            if layer.quantization_mode is not None
+        }
+        if not quantized:
+            return policy
+        return keras.dtype_policies.DTypePolicyMap(default_policy=policy, policy_map=quantized)
 
     @classmethod
     def from_config(cls, config):
@@ -306,31 +322,40 @@ class GemmaBackbone(LoraMethods, keras.Model):
         return config["vocabulary_size"] * hidden + config["num_layers"] * per_layer + hidden
 
     def quantize(self, mode=None, **kwargs):
-        """Keras' `Model.quantize` (e.g. "int8"), with one garbage collection in all.
+        """Keras' `Model.quantize` (e.g. "int8"), with one garbage collection in all and no
+        warning for each layer that has nothing to quantize (norms, dropout).
 
         Example:
         >>> backbone.quantize("int8")
         """
-        with one_collection():  # Keras collects garbage once per quantized layer otherwise
+        with one_collection(), warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", message=".*does not have a `quantize` method", category=UserWarning
+            )
             super().quantize(mode, **kwargs)
 
     @classmethod
-    def from_preset(cls, preset, dtype=None, load_weights=True, **kwargs):
+    def from_preset(cls, preset, dtype=None, load_weights=True, quantize=None, **kwargs):
         """Builds a backbone from a preset name, a checkpoint directory or a handle.
 
         `preset` is a name from `keras_gemma.list_presets()`, a local directory (keras_gemma,
         KerasHub or transformers format), a .gguf file, `kaggle://owner/model/framework/
-        variation[/version]` or `hf://org/repo`. `dtype` picks the weights' dtype.
+        variation[/version]` or `hf://org/repo`. `dtype` picks the weights' dtype;
+        `quantize="int8"` or `"int4"` quantizes each weight as it is read, so the model is
+        never whole in float (keras_gemma presets and GGUF files).
 
         Example:
         >>> backbone = GemmaBackbone.from_preset("./my_transformers_gemma_dir")
         >>> backbone = GemmaBackbone.from_preset("gemma_2b_en", dtype="bfloat16")
+        >>> backbone = GemmaBackbone.from_preset("gemma_2b_en", quantize="int8")
         """
         from keras_gemma.checkpoints.loader import build_backbone
 
         if kwargs:
             raise TypeError(f"unexpected arguments to from_preset: {sorted(kwargs)}.")
-        return build_backbone(cls, preset, dtype=dtype, with_weights=load_weights)
+        return build_backbone(
+            cls, preset, dtype=dtype, with_weights=load_weights, quantize=quantize
+        )
 
     @classmethod
     def from_gemma_arguments(cls, arguments, resolved=None):

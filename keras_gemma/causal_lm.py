@@ -7,7 +7,6 @@ import keras
 from keras import ops
 
 from keras_gemma.checkpoints.preset_cards import PresetMapping
-from keras_gemma.collect_once import one_collection
 from keras_gemma.generation import get_sampler
 from keras_gemma.generation import serialize_sampler
 from keras_gemma.generation.generation_methods import GenerationMethods
@@ -170,7 +169,9 @@ class GemmaCausalLM(GenerationMethods, keras.Model):
     preprocessor_cls = None
 
     @classmethod
-    def from_preset(cls, preset, dtype=None, sequence_length=None, load_weights=True, **kwargs):
+    def from_preset(
+        cls, preset, dtype=None, sequence_length=None, load_weights=True, quantize=None, **kwargs
+    ):
         """A GemmaCausalLM with its backbone, tokenizer and preprocessor from one handle.
 
         `preset` is a name from `keras_gemma.list_presets()`, a local directory (keras_gemma,
@@ -178,13 +179,16 @@ class GemmaCausalLM(GenerationMethods, keras.Model):
         `dtype` goes to the backbone and `sequence_length` to the preprocessor; other keyword
         arguments go to the constructor, as in KerasHub: `backbone=` or `preprocessor=`
         (None for a model on token ids) replace what the preset would load, and
-        `compile=False` leaves the model uncompiled.
+        `compile=False` leaves the model uncompiled. `quantize="int8"` or `"int4"` quantizes
+        while loading (one layer in float at a time; the same model as loading in float and
+        calling `quantize`); a saved quantized preset loads quantized without it.
 
         Example:
         >>> lm = GemmaCausalLM.from_preset("gemma3_270m", dtype="float32")
         >>> lm.generate("The capital of France is", max_length=16)
         >>> preprocessor = GemmaCausalLMPreprocessor.from_preset("gemma3_270m", sequence_length=256)
         >>> lm = GemmaCausalLM.from_preset("gemma3_270m", preprocessor=preprocessor)
+        >>> lm = GemmaCausalLM.from_preset("gemma3_270m", quantize="int8")
         """
         from keras_gemma.checkpoints.loader import resolve
 
@@ -192,10 +196,12 @@ class GemmaCausalLM(GenerationMethods, keras.Model):
         if "backbone" not in kwargs:
             backbone_cls = cls.backbone_cls or _default_class("backbone")
             kwargs["backbone"] = backbone_cls.from_preset(
-                resolved, dtype=dtype, load_weights=load_weights
+                resolved, dtype=dtype, load_weights=load_weights, quantize=quantize
             )
-        elif dtype is not None:
-            raise ValueError("from_preset: pass dtype= to the backbone you give, not here.")
+        elif dtype is not None or quantize is not None:
+            raise ValueError(
+                "from_preset: pass dtype= and quantize= to the backbone you give, not here."
+            )
         if "preprocessor" not in kwargs:
             preprocessor_cls = cls.preprocessor_cls or _default_class("preprocessor")
             try:
@@ -271,9 +277,9 @@ class GemmaCausalLM(GenerationMethods, keras.Model):
         return export_to_gguf(self, path, dtype=dtype)
 
     def quantize(self, mode=None, **kwargs):
-        """Keras' `Model.quantize` (e.g. "int8"); compiled generate functions are rebuilt."""
-        with one_collection():  # Keras collects garbage once per quantized layer otherwise
-            super().quantize(mode, **kwargs)
+        """`backbone.quantize` (Keras' `Model.quantize`, e.g. "int8"); compiled generate
+        functions are rebuilt. Only the backbone has layers to quantize."""
+        self.backbone.quantize(mode, **kwargs)
         self.generator.reset()
 
     def merge_lora(self):

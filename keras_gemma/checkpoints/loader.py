@@ -12,6 +12,8 @@ import os
 import numpy as np
 
 from keras_gemma.checkpoints import handles, huggingface, keras_hub, preset_cards, preset_format
+from keras_gemma.checkpoints import quantized_loading
+from keras_gemma.collect_once import one_collection
 from keras_gemma.layers.initialization import skip_random_initialization
 
 
@@ -238,15 +240,44 @@ def _malloc_trim():
     return lambda: trim(0)
 
 
-def build_backbone(cls, handle, dtype=None, with_weights=True):
-    """`cls.from_gemma_arguments(...)` filled from `handle`: what `from_preset` does."""
+def build_backbone(cls, handle, dtype=None, with_weights=True, quantize=None):
+    """`cls.from_gemma_arguments(...)` filled from `handle`: what `from_preset` does.
+
+    `quantize` ("int8" or "int4") builds the quantized layers with their int8/int4 variables
+    and quantizes each float weight as it is read (see quantized_loading.py).
+    """
     resolved, arguments = backbone_config(handle, dtype=dtype, convert=with_weights)
+    if quantize is not None:
+        import keras
+
+        policy = arguments.get("dtype")
+        if isinstance(policy, dict):
+            policy = keras.dtype_policies.deserialize(policy)
+            arguments = {**arguments, "dtype": policy}
+        if isinstance(policy, keras.dtype_policies.DTypePolicyMap) or getattr(
+            policy, "quantization_mode", None
+        ):
+            raise ValueError(
+                f"quantize={quantize!r}: {handle} holds a quantized model already; load it "
+                "without `quantize`."
+            )
+        if resolved.kind not in ("keras_gemma",) and with_weights:
+            raise ValueError(
+                f"quantize={quantize!r} reads keras_gemma presets (and GGUF files, converted "
+                f"to one): {handle} is a {resolved.kind} checkpoint. Convert it first "
+                "(`keras-gemma convert`), or load it in float and call `quantize`."
+            )
+        arguments = {
+            **arguments,
+            "dtype": quantized_loading.quantized_policy_map(cls, arguments, quantize),
+        }
     if not with_weights:
         return cls.from_gemma_arguments(arguments, resolved)
     # The weights are about to be overwritten: skip drawing random ones.
     with skip_random_initialization():
         backbone = cls.from_gemma_arguments(arguments, resolved)
-    return load_weights(backbone, resolved)
+    with one_collection():  # quantizing layer by layer: Keras collects garbage per layer
+        return load_weights(backbone, resolved)
 
 
 def tokenizer_proto(handle):

@@ -28,6 +28,7 @@ import ml_dtypes
 import numpy as np
 
 from keras_gemma.atomic_write import atomic_directory
+from keras_gemma.checkpoints import quantized_loading
 from keras_gemma.checkpoints.safetensors_io import SafetensorsFile, write_safetensors
 
 # Bump when the layout or the names of the saved variables change.
@@ -61,6 +62,37 @@ def is_keras_gemma_config(config):
     return isinstance(config, dict) and "keras_gemma_format" in config
 
 
+# The dtype policies a config may name: Keras' own classes only, so that deserializing one
+# can never import code named by the file.
+_POLICY_CLASSES = ("DTypePolicy", "FloatDTypePolicy", "QuantizedDTypePolicy", "Int4DTypePolicy")
+
+
+def _check_dtype_policy(value, where, inside_map=False):
+    if value is None or isinstance(value, str):
+        return
+    entry = value if isinstance(value, dict) else {}
+    name, config = entry.get("class_name"), entry.get("config")
+    allowed = _POLICY_CLASSES if inside_map else _POLICY_CLASSES + ("DTypePolicyMap",)
+    module = str(entry.get("module") or "keras")
+    if (
+        name not in allowed
+        or entry.get("registered_name")
+        or not (module == "keras" or module.startswith("keras."))
+        or not isinstance(config, dict)
+    ):
+        raise ValueError(
+            f"{where}: the backbone's dtype must be a dtype name or one of Keras' dtype "
+            f"policies {allowed}; got {value!r}."
+        )
+    if name == "DTypePolicyMap":
+        _check_dtype_policy(config.get("default_policy"), where, inside_map=True)
+        policies = config.get("policy_map")
+        if not isinstance(policies, dict):
+            raise ValueError(f"{where}: a DTypePolicyMap needs a policy_map object.")
+        for policy in policies.values():
+            _check_dtype_policy(policy, where, inside_map=True)
+
+
 def validate_backbone_config(config, where="config.json"):
     """Checks GemmaBackbone arguments: known keys, right types. Returns them."""
     from keras_gemma.backbone import GemmaBackbone
@@ -76,7 +108,10 @@ def validate_backbone_config(config, where="config.json"):
             f"{sorted(accepted - {'name', 'trainable'})}."
         )
     for key, value in config.items():
-        if key in ("dtype", "name", "trainable"):
+        if key == "dtype":
+            _check_dtype_policy(value, where)
+            continue
+        if key in ("name", "trainable"):
             continue
         if key in _BOOLS:
             ok = isinstance(value, bool)
@@ -223,10 +258,19 @@ def load_weights(backbone, directory):
     weights = SafetensorsFile(path)
     variables = {variable.path: variable for variable in backbone.weights}
     stored = {current_variable_path(name): name for name in weights.keys()}
-    missing = sorted(set(variables) - set(stored))
+    # Layers built quantized whose float weight the file holds: quantized as they are read.
+    to_quantize = {
+        float_path: layer
+        for float_path, layer in quantized_loading.quantized_layers(backbone).items()
+        if float_path in stored and weights[stored[float_path]].dtype.kind not in "iu"
+    }
+    for layer in to_quantize.values():
+        for variable in layer.weights:
+            variables.pop(variable.path)
+    missing = sorted(set(variables) - set(stored) - set(to_quantize))
     if missing:
         raise ValueError(f"{path} lacks the weights {missing[:5]}.")
-    extra = sorted(set(stored) - set(variables))
+    extra = sorted(set(stored) - set(variables) - set(to_quantize))
     if extra:
         raise ValueError(
             f"{path} holds weights the model does not have: {extra[:5]}. Does config.json "
@@ -239,4 +283,6 @@ def load_weights(backbone, directory):
         # An owned copy, never the memory map itself: a backend may alias the array it is
         # given (JAX does on CPU) and later write into it.
         assign_checked(variable, weights.read(name, dtype=_numpy_dtype(variable)), name)
+    for float_path, layer in to_quantize.items():
+        quantized_loading.fill(layer, weights.read(stored[float_path], dtype=np.float32))
     return backbone
