@@ -2,6 +2,7 @@
 
     keras-gemma generate "Once upon a time"
     keras-gemma generate "def fibonacci(n):" --preset ./gemma.gguf --max-length 128
+    keras-gemma generate "Once upon a time" --quantize int8
     KERAS_BACKEND=torch keras-gemma generate "Hello" --sampler top_k --seed 7
     python -m keras_gemma generate "Hello"
     keras-gemma export gemma3_270m ./served/gemma/1 --max-length 128
@@ -66,6 +67,9 @@ def build_parser():
                           help="seed of the top_k and top_p samplers, for repeatable text")
     generate.add_argument("--dtype", choices=DTYPES, default=None,
                           help="dtype of the weights (default: the preset's, float32 for GGUF)")
+    generate.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                          help="quantize the weights while loading (int8: ~1/4 of float32's "
+                          "memory; int4 ~1/8, with some loss of quality)")
     generate.add_argument("--no-echo", action="store_true",
                           help="print only the continuation, not the prompt before it")
     export = commands.add_parser(
@@ -132,7 +136,7 @@ def _generate(args):
         print("keras-gemma: error: this keras_gemma has no GemmaCausalLM.", file=sys.stderr)
         return 1
     try:
-        lm = model_class.from_preset(args.preset, dtype=args.dtype)
+        lm = model_class.from_preset(args.preset, dtype=args.dtype, quantize=args.quantize)
     except (ValueError, TypeError, OSError, ImportError, RuntimeError) as error:
         status.clear()
         print(f"keras-gemma: error: {error}", file=sys.stderr)

@@ -60,7 +60,8 @@ def test_help_lists_the_options(capsys):
     with pytest.raises(SystemExit):
         main(["generate", "--help"])
     out = capsys.readouterr().out
-    for option in ("--preset", "--max-length", "--sampler", "--seed", "--dtype", "gemma3_270m"):
+    for option in ("--preset", "--max-length", "--sampler", "--seed", "--dtype", "--quantize",
+                   "gemma3_270m"):
         assert option in out
 
 
@@ -101,6 +102,17 @@ def test_generate_streams_the_continuation(preset, capsys):
     expected = model.from_preset(preset).generate("The model", max_length=16, strip_prompt=True)
     assert expected and captured.out == "The model" + expected + "\n"
     assert f"keras-gemma: loading {preset}" in captured.err
+
+
+def test_generate_quantized_while_loading(preset, capsys):
+    model = _needs_causal_lm()
+    argv = ["generate", "The model", "--preset", preset, "--max-length", "12", "--no-echo"]
+    assert main(argv + ["--quantize", "int8"]) == 0
+    expected = model.from_preset(preset)
+    expected.quantize("int8")
+    assert capsys.readouterr().out == expected.generate("The model", max_length=12,
+                                                        strip_prompt=True) + "\n"
+    assert "invalid choice: 'int3'" in _error(capsys, argv + ["--quantize", "int3"])
 
 
 def test_seeded_sampling_repeats(preset, capsys):
