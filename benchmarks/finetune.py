@@ -16,7 +16,8 @@ default jit_compile) and runs `fit` on the same token batches (seeded). It repor
   gradient 2 more; weight gradients 2 more for the trained ones) over the best step.
 
 Configurations: lora_float32, lora_bfloat16, lora_mixed_bfloat16, lora_int8 (float32 base
-quantized to int8, then LoRA), lora_int8-bfloat16 (bfloat16 base), full_float32,
+quantized to int8, then LoRA; KerasHub loads in float and quantizes, keras_gemma quantizes
+while loading), lora_int8-bfloat16 (bfloat16 base), full_float32,
 full_bfloat16. The 2B bfloat16 KerasHub child peaks near 20 GB: on a shared 24 GB machine run
 it alone (or leave it out with --implementations keras_gemma). LoRA is rank 4 on query and
 value (KerasHub's default targets). `--matmul` also times a large float32 matmul per backend
@@ -67,10 +68,12 @@ else:
     blocks = [f"decoder_block_{index}" for index in range(64)]
     remat = implementation == "keras_gemma_remat"  # README's keras.RematScope recipe
     with keras.RematScope(mode="list_of_layers" if remat else None, layer_names=blocks):
-        backbone = keras_gemma.GemmaBackbone.from_preset(path, dtype=dtype)
+        # int8: quantized while loading (one layer in float at a time), as a user would.
+        backbone = keras_gemma.GemmaBackbone.from_preset(
+            path, dtype=dtype, quantize="int8" if quantize else None)
     model = keras_gemma.GemmaCausalLM(backbone, compile=False)
-if quantize:
-    model.quantize("int8")
+if quantize and implementation == "keras_hub":
+    model.quantize("int8")  # KerasHub loads in float, then quantizes
 if kind == "lora":
     backbone.enable_lora(rank=4)
 model.compile(
