@@ -350,8 +350,10 @@ def test_compile_false_leaves_the_model_uncompiled_as_keras_hub_does(keras_hub_p
 def test_from_preset_refuses_arguments_it_would_ignore(keras_hub_preset):
     _, preset = keras_hub_preset
     backbone = GemmaBackbone.from_preset(preset)
-    with pytest.raises(ValueError, match="pass dtype= to the backbone"):
+    with pytest.raises(ValueError, match="pass dtype= and quantize= to the backbone"):
         GemmaCausalLM.from_preset(preset, backbone=backbone, dtype="bfloat16")
+    with pytest.raises(ValueError, match="pass dtype= and quantize= to the backbone"):
+        GemmaCausalLM.from_preset(preset, backbone=backbone, quantize="int8")
     with pytest.raises(ValueError, match="sequence_length= sets the preset's preprocessor"):
         GemmaCausalLM.from_preset(preset, preprocessor=None, sequence_length=16)
     with pytest.raises(TypeError):
