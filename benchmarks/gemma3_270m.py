@@ -7,7 +7,10 @@ runs the GGUF as is.
 
 - keras_gemma: `GemmaCausalLM.from_preset("gemma3_270m", dtype="float32")` (offline, from
   the same PyPI package), on each selected Keras backend; keras_gemma_bf16 the same with
-  dtype="bfloat16" (half the bytes per token; its greedy text may part from float32's).
+  dtype="bfloat16" (half the bytes per token; its greedy text may part from float32's);
+  keras_gemma_int8 / keras_gemma_int4 the same with quantize="int8" / "int4" (quantized
+  while loading, equal to `quantize(mode)` after a float32 load: weight-only int8; int4 in
+  groups of 32 with an int8 embedding; on torch, PyTorch's packed CPU kernels). Their greedy text may part from float32's.
 - KerasHub: `Gemma3CausalLM.from_preset(DIR, dtype="float32")`, where DIR is a transformers
   directory written once from the GGUF (`AutoModelForCausalLM.from_pretrained(...,
   gguf_file=..., dtype=torch.float32)` + its tokenizer, `save_pretrained`); KerasHub's
@@ -56,9 +59,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import child_process  # noqa: E402
 
-IMPLEMENTATIONS = ("keras_gemma", "keras_gemma_bf16", "keras_hub", "transformers", "llama_cpp")
-KERAS = ("keras_gemma", "keras_gemma_bf16", "keras_hub")
+IMPLEMENTATIONS = ("keras_gemma", "keras_gemma_bf16", "keras_gemma_int8", "keras_gemma_int4",
+                   "keras_hub", "transformers", "llama_cpp")
+KERAS = ("keras_gemma", "keras_gemma_bf16", "keras_gemma_int8", "keras_gemma_int4", "keras_hub")
 LABELS = {"keras_gemma": "keras_gemma", "keras_gemma_bf16": "keras_gemma bf16",
+          "keras_gemma_int8": "keras_gemma int8", "keras_gemma_int4": "keras_gemma int4",
           "keras_hub": "KerasHub", "transformers": "transformers", "llama_cpp": "llama.cpp"}
 
 
@@ -102,7 +107,11 @@ def load(implementation, args):
             import keras_gemma
 
             dtype = "bfloat16" if implementation.endswith("_bf16") else "float32"
-            model = keras_gemma.GemmaCausalLM.from_preset("gemma3_270m", dtype=dtype)
+            mode = implementation.rsplit("_", 1)[-1]
+            # int8/int4: quantized while loading, as `quantize(mode)` after a float32 load
+            # would (keras_gemma's defaults: layers/quantization_defaults.py).
+            quantize = {"quantize": mode} if mode in ("int8", "int4") else {}
+            model = keras_gemma.GemmaCausalLM.from_preset("gemma3_270m", dtype=dtype, **quantize)
         else:
             import keras_hub
 

@@ -10,6 +10,10 @@ are the same. Timings are the best of `--repeats` warm calls; decode speed is
 Usage:
     python benchmarks/generate.py --shapes tiny --backends jax,torch
     python benchmarks/generate.py --shapes 2b --dtypes float32,bfloat16 --new-tokens 8
+    python benchmarks/generate.py --shapes 2b --dtypes int8,int4 --implementations keras_gemma
+
+dtypes "int8" and "int4" load the float32 checkpoint and call the model's `quantize(mode)`
+(peak RSS then includes the float32 model).
 """
 
 import argparse
@@ -31,6 +35,9 @@ import keras
 if keras.backend.backend() == "torch":
     import torch
     torch.set_num_threads(int(os.environ.get("BENCH_TORCH_THREADS", "2")))
+# "int8" / "int4": the float32 checkpoint, then each library's own `quantize(mode)`.
+quantize = dtype if dtype in ("int8", "int4") else None
+dtype = "float32" if quantize else dtype
 if implementation == "keras_hub":
     import keras_hub
     backbone = keras_hub.models.GemmaBackbone.from_preset(path, dtype=dtype)
@@ -39,6 +46,8 @@ else:
     import keras_gemma
     backbone = keras_gemma.GemmaBackbone.from_preset(path, dtype=dtype)
     model = keras_gemma.GemmaCausalLM(backbone)
+if quantize:
+    model.quantize(quantize)
 vocabulary = backbone.vocabulary_size
 rng = np.random.default_rng(0)
 
