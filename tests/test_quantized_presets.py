@@ -11,7 +11,7 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import to_numpy
+from conftest import tiny_config, to_numpy
 from keras_gemma import GemmaBackbone
 from keras_gemma import GemmaCausalLM
 from keras_gemma.checkpoints import quantized_loading
@@ -103,3 +103,20 @@ def test_a_config_naming_another_policy_class_is_refused(tiny_preset, tmp_path):
     path.write_text(json.dumps(config))
     with pytest.raises(ValueError, match="dtype"):
         GemmaBackbone.from_preset(str(tmp_path / "hostile"))
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_an_embedding_quantized_in_blocks_equals_one_quantized_whole(mode):
+    reference = GemmaBackbone(**tiny_config())
+    table = to_numpy(reference.token_embedding.embeddings)
+    reference.quantize(mode)
+    policy_map = quantized_loading.quantized_policy_map(GemmaBackbone, tiny_config(), mode)
+    built = GemmaBackbone(**{**tiny_config(), "dtype": policy_map})
+    # 96 rows in blocks of 7: the last block is short.
+    quantized_loading.fill(
+        built.token_embedding, lambda start, stop: table[start:stop], rows=len(table),
+        rows_per_chunk=7,
+    )
+    for expected, actual in zip(reference.token_embedding.weights, built.token_embedding.weights):
+        assert expected.path == actual.path
+        np.testing.assert_array_equal(to_numpy(actual), to_numpy(expected), err_msg=expected.path)

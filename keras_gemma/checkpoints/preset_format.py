@@ -19,6 +19,7 @@ A save writes into a temporary sibling directory and renames it into place, so a
 interrupted save never leaves a half-written preset.
 """
 
+import functools
 import inspect
 import json
 import os
@@ -284,5 +285,9 @@ def load_weights(backbone, directory):
         # given (JAX does on CPU) and later write into it.
         assign_checked(variable, weights.read(name, dtype=_numpy_dtype(variable)), name)
     for float_path, layer in to_quantize.items():
-        quantized_loading.fill(layer, weights.read(stored[float_path], dtype=np.float32))
+        name = stored[float_path]
+        quantized_loading.fill(
+            layer, functools.partial(weights.read_rows, name, dtype=np.float32),
+            rows=weights[name].shape[0],
+        )
     return backbone

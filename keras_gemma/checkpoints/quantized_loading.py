@@ -95,19 +95,51 @@ def _quantize_config(policy):
     return None  # keras_gemma's layers resolve int8's default themselves
 
 
-def fill(layer, value):
-    """Quantizes the float `value` (the layer's kernel or embeddings, as a numpy array) the
-    way `layer.quantize` would have, into `layer`'s quantized variables."""
+def fill(layer, read_rows, rows, rows_per_chunk=4096):
+    """Quantizes a float weight (the layer's kernel or embeddings, `rows` long on its first
+    axis; `read_rows(start, stop)` gives rows [start, stop) as float32) the way
+    `layer.quantize` would have, into `layer`'s quantized variables.
+
+    An embedding is quantized a block of rows at a time (its scales are per row, so the
+    blocks are independent): the 2B model's table is 2.1 GB in float32, and quantizing it
+    whole takes several float32 temporaries of that size.
+    """
+    if not isinstance(layer, keras.layers.Embedding):
+        quantized = _quantize_in_scratch(layer, read_rows(0, rows))
+        for variable in layer.weights:
+            variable.assign(quantized[variable.name])
+        return
+    tables = {}  # each quantized variable, filled block by block
+    for start in range(0, rows, rows_per_chunk):
+        block = read_rows(start, start + rows_per_chunk)
+        for name, value in _quantize_in_scratch(layer, block).items():
+            if value.shape[:1] != block.shape[:1]:
+                raise ValueError(
+                    f"{layer.path}: the quantized {name} is not one row per vocabulary entry "
+                    f"({value.shape}); keras_gemma cannot quantize this embedding in blocks."
+                )
+            if name not in tables:
+                tables[name] = np.empty((rows,) + value.shape[1:], dtype=value.dtype)
+            tables[name][start : start + len(value)] = value
+        del block
+    for variable in layer.weights:
+        variable.assign(tables.pop(variable.name))
+
+
+def _quantize_in_scratch(layer, value):
+    """`{variable name: numpy value}` of a float copy of `layer` holding `value` (an embedding
+    may get fewer rows than the layer has) after the layer's own `quantize`."""
     policy = layer_policy(layer)
-    source = keras.dtype_policies.get(policy._source_name)
     config = layer.get_config()
-    config["dtype"] = source
+    config["dtype"] = keras.dtype_policies.get(policy._source_name)
     config.pop("quantization_config", None)
-    scratch = layer.__class__.from_config(config)
     if isinstance(layer, keras.layers.Embedding):
+        config["input_dim"] = value.shape[0]
+        scratch = layer.__class__.from_config(config)
         scratch.build()
         target = scratch.embeddings
     else:
+        scratch = layer.__class__.from_config(config)
         scratch.build(_input_shape(layer, value.shape))
         target = scratch._kernel
     if tuple(target.shape) != tuple(value.shape):
@@ -115,13 +147,10 @@ def fill(layer, value):
             f"{layer.path}: the checkpoint's {float_weight_name(layer)} has shape "
             f"{tuple(value.shape)}, the model expects {tuple(target.shape)}."
         )
-    target.assign(np.asarray(value))
+    target.assign(value)
     scratch.quantize(policy.quantization_mode, config=_quantize_config(policy))
-    quantized = {variable.name: variable for variable in scratch.weights}
-    for variable in layer.weights:
-        if variable.name not in quantized:
-            raise ValueError(
-                f"{layer.path}: quantizing made no {variable.name!r} (it made "
-                f"{sorted(quantized)})."
-            )
-        variable.assign(quantized[variable.name])
+    quantized = {variable.name: keras.ops.convert_to_numpy(variable) for variable in scratch.weights}
+    missing = sorted({variable.name for variable in layer.weights} - set(quantized))
+    if missing:
+        raise ValueError(f"{layer.path}: quantizing made no {missing} (it made {sorted(quantized)}).")
+    return quantized

@@ -129,6 +129,17 @@ class SafetensorsFile:
             self._release_range(offset, (stop - start) * source.dtype.itemsize)
         return target
 
+    def read_rows(self, name, start=0, stop=None, dtype=None):
+        """Rows [start, stop) of tensor `name` along its first axis, as an owned copy (cast to
+        `dtype`); their file pages are dropped from resident memory as `read` does."""
+        source = self[name]
+        stop = source.shape[0] if stop is None else min(stop, source.shape[0])
+        target = np.array(source[start:stop], dtype=dtype or source.dtype)
+        row_bytes = source.dtype.itemsize * int(np.prod(source.shape[1:], dtype=np.int64))
+        _, _, begin, _ = self._entries[name]
+        self._release_range(self._data_start + begin + start * row_bytes, (stop - start) * row_bytes)
+        return target
+
     def _release_range(self, offset, length):
         if self._map is None or not hasattr(self._map, "madvise") or length <= 0:
             return
