@@ -11,6 +11,11 @@ loading in float and calling `quantize(mode)` gives, variable for variable.
 Which layers `quantize(mode)` touches, and with which policy, is read off a miniature twin of
 the backbone (the same layers and names, tiny widths) quantized the ordinary way, so this
 module never restates those rules.
+
+Measured (benchmarks/load_memory.py --int8, gemma_2b_en shape, bfloat16 preset of 5.01 GB,
+JAX, 2-core machine): peak RSS 4.7 GB in 97-112 s, against 13.5 GB for KerasHub's load in
+bfloat16 then `quantize("int8")`. Of the 4.7 GB: 2.9 GB once the int8 layers are built (2.5 GB
+of int8 weights and the runtime), the rest transient while the first weights are quantized.
 """
 
 import keras
