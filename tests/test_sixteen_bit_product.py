@@ -176,3 +176,61 @@ def test_tied_logits_do_not_hold_the_whole_table_in_float32():
           f"(float32 table {float32_table / 1e6:.1f} MB)")
     assert plain >= float32_table
     assert ours < 0.4 * float32_table
+
+
+def _int8_values(shape, seed):
+    return np.random.default_rng(seed).integers(-127, 128, shape).astype("int8")
+
+
+@pytest.mark.parametrize("equation", ["btd,fd->btf", "btnh,dnh->btd"])
+def test_int8_training_products_equal_the_dequantized_float32_ones(equation):
+    """Weight-only int8 with training=True (the bounded-memory products on JAX, Keras'
+    elsewhere): outputs and input gradients equal float32 numpy on the dequantized weights."""
+    inputs_shape = (2, 5, 8) if equation.startswith("btd") else (2, 5, 2, 4)
+    output_shape = (None, 6) if equation.startswith("btd") else (None, 8)
+    layer = GemmaEinsumDense(equation, output_shape=output_shape)
+    layer.build(inputs_shape)
+    layer.quantize("int8")
+    assert layer.inputs_quantizer is None  # keras_gemma's int8 is weight-only
+    layer._kernel.assign(_int8_values(layer._kernel.shape, seed=1))
+    scale = np.random.default_rng(2).uniform(50, 100, layer.kernel_scale.shape).astype("float32")
+    layer.kernel_scale.assign(scale)
+    # Keras' own broadcast of the per-channel scale against the kernel.
+    kernel_scale = to_numpy(layer._adjust_scale_for_dequant(keras.ops.convert_to_tensor(scale)))
+    kernel = to_numpy(layer._kernel).astype("float32") / kernel_scale
+    inputs = np.random.default_rng(3).normal(size=inputs_shape).astype("float32")
+    expected = np.einsum(equation, inputs, kernel)
+    outputs = to_numpy(layer(inputs, training=True))
+    np.testing.assert_allclose(outputs, expected, rtol=1e-5, atol=1e-6)
+    if BACKEND == "jax":
+        import jax
+
+        upstream = np.random.default_rng(4).normal(size=expected.shape).astype("float32")
+        gradient = jax.grad(lambda x: (layer(x, training=True) * upstream).sum())(inputs)
+        letters = equation.split("->")[1] + "," + equation.split(",")[1].split("->")[0]
+        wanted = np.einsum(f"{letters}->{equation.split(',')[0]}", upstream, kernel)
+        np.testing.assert_allclose(np.asarray(gradient), wanted, rtol=1e-5, atol=1e-5)
+
+    from keras_gemma.layers.tied_embedding import GemmaReversibleEmbedding
+
+    embedding = GemmaReversibleEmbedding(37, 8, tie_weights=True, logit_soft_cap=3.0)
+    embedding.build((None,))
+    embedding.quantize("int8")
+    embedding._embeddings.assign(_int8_values((37, 8), seed=5))
+    row_scale = np.random.default_rng(6).uniform(50, 100, (37,)).astype("float32")
+    embedding.embeddings_scale.assign(row_scale)
+    table = to_numpy(embedding._embeddings).astype("float32") / row_scale[:, None]
+    hidden = np.random.default_rng(7).normal(size=(2, 5, 8)).astype("float32")
+    expected = np.tanh(hidden @ table.T / 3.0) * 3.0
+    logits = to_numpy(embedding(hidden, reverse=True, training=True))
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+    if BACKEND == "jax":
+        import jax.numpy as jnp
+
+        weights = np.random.default_rng(8).normal(size=expected.shape).astype("float32")
+        for chunk_bytes in (96, 2**28):  # 3 rows a block, and the whole table at once
+            gradient = jax.grad(lambda h: jnp.sum(sixteen_bit_product.int8_logits(
+                h, jnp.asarray(embedding._embeddings.value), jnp.asarray(row_scale),
+                chunk_bytes=chunk_bytes) * weights))(hidden)
+            np.testing.assert_allclose(np.asarray(gradient), weights @ table, rtol=1e-5,
+                                       atol=1e-5)

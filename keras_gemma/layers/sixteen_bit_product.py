@@ -39,6 +39,15 @@ def runs_here(kernel):
     return jax.default_backend() == "cpu"
 
 
+def runs_here_int8():
+    """True when `int8_einsum` should replace Keras' weight-only int8 product in training."""
+    if keras.backend.backend() != "jax":
+        return False
+    import jax
+
+    return jax.default_backend() == "cpu"
+
+
 def sixteen_bit_einsum(equation, inputs, kernel):
     """`einsum(equation, inputs, kernel)` in float32 with the result in `inputs.dtype`.
 
@@ -95,6 +104,57 @@ def _product(equation):
     return product
 
 
+def int8_einsum(equation, inputs, kernel, output_scale):
+    """`einsum(equation, inputs, kernel) / output_scale` for an int8 `kernel` (Keras' weight-
+    only int8 EinsumDense: `output_scale` is its `kernel_scale`, which broadcasts against the
+    output), in float32, the result in `inputs.dtype`.
+
+    The same trap as 16-bit weights: XLA converts every int8 kernel to float32 before the
+    first layer runs, and a training step keeps the copies for the backward pass (a 2B int8 +
+    LoRA step peaked at 21.8 GB with Keras' product). Here each conversion is tied to the
+    layer's inputs, and the backward pass converts again, so one float32 kernel is alive at a
+    time. The kernel and scale get no gradient (they are not trainable).
+
+    Example:
+    >>> x = keras.ops.ones((1, 3, 4))
+    >>> w = keras.ops.ones((8, 4), "int8")
+    >>> int8_einsum("btd,fd->btf", x, w, keras.ops.ones((8,))).shape
+    (1, 3, 8)
+    """
+    return _int8_product(equation)(inputs, kernel, output_scale)
+
+
+@functools.lru_cache(maxsize=None)
+def _int8_product(equation):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    def scaled_einsum(inputs, kernel32, output_scale):
+        outputs = jnp.einsum(
+            equation, inputs.astype(jnp.float32), kernel32, preferred_element_type=jnp.float32
+        )
+        return (outputs / output_scale.astype(jnp.float32)).astype(inputs.dtype)
+
+    @jax.custom_vjp
+    def product(inputs, kernel, output_scale):
+        return scaled_einsum(inputs, _float32_after(kernel, inputs), output_scale)
+
+    def forward(inputs, kernel, output_scale):
+        return product(inputs, kernel, output_scale), (inputs, kernel, output_scale)
+
+    def backward(residuals, gradient):
+        inputs, kernel, output_scale = residuals
+        kernel32 = _float32_after(kernel, gradient)
+        _, pullback = jax.vjp(lambda x: scaled_einsum(x, kernel32, output_scale), inputs)
+        (inputs_gradient,) = pullback(gradient)
+        no_gradient = np.zeros(kernel.shape, dtype=jax.dtypes.float0)
+        return inputs_gradient, no_gradient, jnp.zeros_like(output_scale)
+
+    product.defvjp(forward, backward)
+    return product
+
+
 def sixteen_bit_logits(hidden, embeddings, chunk_bytes=2**28):
     """`hidden @ embeddings.T` (tied logits) in float32 pieces of at most `chunk_bytes`.
 
@@ -112,47 +172,74 @@ def sixteen_bit_logits(hidden, embeddings, chunk_bytes=2**28):
     """
     vocabulary, width = embeddings.shape
     rows = max(1, min(vocabulary, chunk_bytes // (4 * width)))
-    return _chunked_logits(rows)(hidden, embeddings)
+    return _chunked_logits(rows, False)(hidden, embeddings, None)
+
+
+def int8_logits(hidden, embeddings, row_scale, chunk_bytes=2**28):
+    """`hidden @ (embeddings / row_scale[:, None]).T` for Keras' int8 embedding (weight-only),
+    a block of rows at a time as `sixteen_bit_logits` does: the 2B table is 0.5 GB in int8
+    and 2.1 GB in float32. The table and its scale get no gradient (frozen).
+
+    Example:
+    >>> h = keras.ops.ones((1, 3, 4))
+    >>> table = keras.ops.ones((10, 4), "int8")
+    >>> int8_logits(h, table, keras.ops.ones((10,)), chunk_bytes=64).shape
+    (1, 3, 10)
+    """
+    vocabulary, width = embeddings.shape
+    rows = max(1, min(vocabulary, chunk_bytes // (4 * width)))
+    return _chunked_logits(rows, True)(hidden, embeddings, row_scale)
 
 
 @functools.lru_cache(maxsize=None)
-def _chunked_logits(rows):
+def _chunked_logits(rows, scaled):
     import jax
     import jax.numpy as jnp
+    import numpy as np
 
     def blocks(vocabulary):
         return [(start, min(start + rows, vocabulary)) for start in range(0, vocabulary, rows)]
 
-    def forward_logits(hidden, embeddings):
+    def table_block(embeddings, row_scale, start, stop, anchor):
+        table = _float32_after(embeddings[start:stop], anchor)
+        if scaled:
+            table = table / row_scale[start:stop, None].astype(jnp.float32)
+        return table
+
+    def forward_logits(hidden, embeddings, row_scale):
         hidden32 = hidden.astype(jnp.float32)
         pieces, anchor = [], hidden
         for start, stop in blocks(embeddings.shape[0]):
-            table = _float32_after(embeddings[start:stop], anchor)
+            table = table_block(embeddings, row_scale, start, stop, anchor)
             anchor = jnp.einsum("...d,vd->...v", hidden32, table).astype(hidden.dtype)
             pieces.append(anchor)
         return jnp.concatenate(pieces, axis=-1)
 
     @jax.custom_vjp
-    def logits(hidden, embeddings):
-        return forward_logits(hidden, embeddings)
+    def logits(hidden, embeddings, row_scale):
+        return forward_logits(hidden, embeddings, row_scale)
 
-    def forward(hidden, embeddings):
-        return forward_logits(hidden, embeddings), (hidden, embeddings)
+    def forward(hidden, embeddings, row_scale):
+        return forward_logits(hidden, embeddings, row_scale), (hidden, embeddings, row_scale)
 
     def backward(residuals, gradient):
-        hidden, embeddings = residuals
+        hidden, embeddings, row_scale = residuals
         hidden32 = hidden.astype(jnp.float32)
         hidden_gradient = jnp.zeros(hidden.shape, jnp.float32)
         table_gradients = []
         for start, stop in blocks(embeddings.shape[0]):
             piece = gradient[..., start:stop].astype(jnp.float32)
-            table = _float32_after(embeddings[start:stop], hidden_gradient)
+            table = table_block(embeddings, row_scale, start, stop, hidden_gradient)
             hidden_gradient = hidden_gradient + jnp.einsum("...v,vd->...d", piece, table)
-            # Dropped by XLA when the embedding is frozen (LoRA).
-            table_gradients.append(
-                jnp.einsum("...v,...d->vd", piece, hidden32).astype(embeddings.dtype)
-            )
-        return hidden_gradient.astype(hidden.dtype), jnp.concatenate(table_gradients, axis=0)
+            if not scaled:  # dropped by XLA when the embedding is frozen (LoRA)
+                table_gradients.append(
+                    jnp.einsum("...v,...d->vd", piece, hidden32).astype(embeddings.dtype)
+                )
+        if scaled:
+            table_gradient = np.zeros(embeddings.shape, dtype=jax.dtypes.float0)
+            return hidden_gradient.astype(hidden.dtype), table_gradient, jnp.zeros_like(row_scale)
+        table_gradient = jnp.concatenate(table_gradients, axis=0)
+        return hidden_gradient.astype(hidden.dtype), table_gradient, None
 
     logits.defvjp(forward, backward)
     return logits
