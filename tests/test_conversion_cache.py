@@ -34,3 +34,38 @@ def test_write_json_atomically_leaves_only_the_file(tmp_path):
     write_json_atomically(str(target), {"a": 2})
     assert json.loads(target.read_text()) == {"a": 2}
     assert os.listdir(target.parent) == ["value.json"]
+
+
+def test_exclusive_lets_one_converter_in_at_a_time(tmp_path):
+    """Two loaders of the same GGUF file: the second waits for the first's conversion."""
+    import sys
+    import threading
+
+    from keras_gemma.checkpoints.conversion_cache import exclusive
+
+    if sys.platform == "win32":
+        return  # no lock there (see `exclusive`)
+    path = str(tmp_path / "cache" / "converted")
+    order, inside, release = [], threading.Event(), threading.Event()
+
+    def first():
+        with exclusive(path):
+            order.append("first in")
+            inside.set()
+            release.wait(10)
+            order.append("first out")
+
+    def second():
+        with exclusive(path):
+            order.append("second in")
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    threads[0].start()
+    assert inside.wait(10)
+    threads[1].start()
+    threads[1].join(0.5)
+    assert threads[1].is_alive()  # waiting for the lock
+    release.set()
+    for thread in threads:
+        thread.join(10)
+    assert order == ["first in", "first out", "second in"]

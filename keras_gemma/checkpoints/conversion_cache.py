@@ -1,5 +1,6 @@
 """keras_gemma's cache of converted checkpoints: where it is, file hashes, atomic writes."""
 
+import contextlib
 import hashlib
 import json
 import os
@@ -65,3 +66,26 @@ def conversion_progress(name):
         sys.stderr.flush()
 
     return show
+
+
+@contextlib.contextmanager
+def exclusive(path):
+    """Holds an exclusive lock on `path + ".lock"` (POSIX; elsewhere no lock): a second
+    process converting the same file waits for the first instead of converting it again.
+
+    Example:
+    >>> with exclusive(cache_directory("model.gguf")):
+    ...     convert_unless_done()
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

@@ -21,6 +21,7 @@ import numpy as np
 
 from keras_gemma.checkpoints.conversion_cache import cache_root
 from keras_gemma.checkpoints.conversion_cache import conversion_progress
+from keras_gemma.checkpoints.conversion_cache import exclusive
 from keras_gemma.checkpoints.conversion_cache import file_sha256
 from keras_gemma.checkpoints.gguf_vocabulary import gguf_field
 from keras_gemma.checkpoints.gguf_vocabulary import sentencepiece_proto
@@ -297,13 +298,22 @@ def convert(path):
     >>> convert("gemma-3-270m-q4_k_m.gguf")
     '/home/me/.cache/keras_gemma/gguf/a5fd3b62...'
     """
-    from keras_gemma.backbone import GemmaBackbone
-    from keras_gemma.checkpoints.preset_format import save_preset
-
     path = os.fspath(path)
     directory = cache_directory(path)
     if _is_converted(directory):
         return directory
+    # Two processes loading the same file for the first time: one converts, the other waits
+    # and reads its result.
+    with exclusive(directory):
+        if _is_converted(directory):
+            return directory
+        return _convert(path, directory)
+
+
+def _convert(path, directory):
+    from keras_gemma.backbone import GemmaBackbone
+    from keras_gemma.checkpoints.preset_format import save_preset
+
     start, progress = time.time(), conversion_progress(os.path.basename(path))
     progress("reading the GGUF file")
     reader = open_gguf(path)
