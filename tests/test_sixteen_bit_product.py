@@ -201,7 +201,8 @@ def test_int8_training_products_equal_the_dequantized_float32_ones(equation):
     inputs = np.random.default_rng(3).normal(size=inputs_shape).astype("float32")
     expected = np.einsum(equation, inputs, kernel)
     outputs = to_numpy(layer(inputs, training=True))
-    np.testing.assert_allclose(outputs, expected, rtol=1e-5, atol=1e-6)
+    tolerance = 2 ** -7 * np.abs(expected).max() if BACKEND == "torch" else 1e-5
+    np.testing.assert_allclose(outputs, expected, rtol=0, atol=tolerance)
     if BACKEND == "jax":
         import jax
 
@@ -223,7 +224,10 @@ def test_int8_training_products_equal_the_dequantized_float32_ones(equation):
     hidden = np.random.default_rng(7).normal(size=(2, 5, 8)).astype("float32")
     expected = np.tanh(hidden @ table.T / 3.0) * 3.0
     logits = to_numpy(embedding(hidden, reverse=True, training=True))
-    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+    # Without a gradient to take, torch's packed int8 kernel may serve this call, with its
+    # activations in bfloat16 (one rounding of 8 bits); the other backends run float32.
+    tolerance = 2 ** -7 * np.abs(expected).max() if BACKEND == "torch" else 1e-5
+    np.testing.assert_allclose(logits, expected, rtol=0, atol=tolerance)
     if BACKEND == "jax":
         import jax.numpy as jnp
 
