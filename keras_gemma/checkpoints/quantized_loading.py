@@ -51,8 +51,14 @@ def quantized_policy_map(cls, arguments, mode):
     twin_arguments["num_query_heads"] = max(1, arguments["num_query_heads"] // max(
         1, arguments["num_key_value_heads"]))
     twin_arguments["num_key_value_heads"] = 1
-    twin = cls.from_gemma_arguments(twin_arguments)
-    twin.quantize(mode)
+    # Built outside any keras.distribution: a layout map need not divide the twin's widths.
+    distribution = keras.distribution.distribution()
+    keras.distribution.set_distribution(None)
+    try:
+        twin = cls.from_gemma_arguments(twin_arguments)
+        twin.quantize(mode)
+    finally:
+        keras.distribution.set_distribution(distribution)
     policies = {
         layer.path: layer.dtype_policy
         for layer in twin._flatten_layers(include_self=False)
