@@ -3,9 +3,11 @@
 The references read the layer's variables back (int8 values and scales; int4 nibbles,
 scales and zero points) and rebuild each kernel in numpy by the layout the layers document
 (keras_gemma/layers/int4_kernel.py for int4 kernels stored (out, in); Keras' own for int8
-and the embedding), then multiply in float64. On torch the products run through PyTorch's
-packed CPU kernels (layers/quantized_products.py), elsewhere through Keras' dequantizing
-calls. A second check ties the layout to the float kernel: each dequantized weight lies
+and the embedding), then multiply in float64: equal within float32 rounding on JAX and
+TensorFlow. On torch the products run through PyTorch's packed CPU kernels
+(layers/quantized_products.py), which take bfloat16 activations and return bfloat16: the
+reference rounds the inputs to bfloat16 too, and the tolerance is bfloat16's (the output's
+rounding and the kernel's bfloat16 scales, 2^-8 relative each). A second check ties the layout to the float kernel: each dequantized weight lies
 within half a quantization step of the weight it came from.
 """
 
@@ -68,8 +70,19 @@ def _quantize(layer, mode):
     layer.quantize(name, config=config)
 
 
-def _close(got, expected):
-    np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-5 * np.abs(expected).max())
+def _close(got, expected, packed_kernels=False):
+    tolerance = 1e-2 if packed_kernels and BACKEND == "torch" else 2e-5
+    np.testing.assert_allclose(got, expected, rtol=tolerance,
+                               atol=tolerance * np.abs(expected).max())
+
+
+def _kernel_inputs(x):
+    """`x` as the products read it: rounded to bfloat16 for torch's packed kernels."""
+    if BACKEND != "torch":
+        return x.astype(np.float64)
+    bits = np.asarray(x, np.float32).view(np.uint32)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000  # round half to even
+    return rounded.astype(np.uint32).view(np.float32).astype(np.float64)
 
 
 def _check_step(original, dequantized, mode):
@@ -96,7 +109,7 @@ def test_dense_products_match_numpy(equation, output_shape, input_shape, mode):
     kernel = _dense_kernel(layer, mode)
     _check_step(original, kernel, mode)
     x = np.random.default_rng(1).normal(size=input_shape).astype("float32")
-    _close(to_numpy(layer(x)), np.einsum(equation, x.astype(np.float64), kernel))
+    _close(to_numpy(layer(x)), np.einsum(equation, _kernel_inputs(x), kernel), True)
     assert _used_torch_kernels(layer) == (BACKEND == "torch")
 
 
@@ -120,8 +133,8 @@ def test_tied_embedding_lookup_and_logits_match_numpy(mode):
     ids = np.array([[5, 0, 95], [17, 17, 3]], "int32")
     _close(to_numpy(embedding(ids)), table[ids])
     hidden = np.random.default_rng(2).normal(size=(2, 3, 64)).astype("float32")
-    expected = 30.0 * np.tanh(hidden.astype(np.float64) @ table.T / 30.0)
-    _close(to_numpy(embedding(hidden, reverse=True)), expected)
+    expected = 30.0 * np.tanh(_kernel_inputs(hidden) @ table.T / 30.0)
+    _close(to_numpy(embedding(hidden, reverse=True)), expected, True)
     assert _used_torch_kernels(embedding) == (BACKEND == "torch")
 
 
@@ -180,9 +193,14 @@ def test_quantized_greedy_generate_is_the_argmax_of_its_own_logits(mode):
     lm.compile(sampler="greedy")
     out = to_numpy(lm.generate(prompt, stop_token_ids=None)["token_ids"])
     # Each generated token is the argmax of the quantized model's full forward pass over
-    # the tokens before it (the decode step and the cache against a plain forward pass).
-    logits = to_numpy(lm({"token_ids": out, "padding_mask": np.ones_like(out)}))
-    np.testing.assert_array_equal(out[:, 3:], logits[:, 2:-1].argmax(-1))
+    # the tokens before it (the decode step and the cache against a plain forward pass),
+    # up to a near-tie within the products' rounding (bfloat16 on torch: one row or many
+    # round differently, and a random tiny model amplifies it; seen: 1.1% of the largest
+    # logit after two int4 blocks).
+    logits = to_numpy(lm({"token_ids": out, "padding_mask": np.ones_like(out)}))[:, 2:-1]
+    chosen = np.take_along_axis(logits, out[:, 3:, None], axis=-1)[..., 0]
+    tolerance = (3e-2 if BACKEND == "torch" else 1e-5) * np.abs(logits).max()
+    assert (chosen >= logits.max(-1) - tolerance).all(), (out, logits.argmax(-1))
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])

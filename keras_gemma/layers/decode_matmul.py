@@ -80,3 +80,37 @@ def xla_runs_on_cpu():
 
         return not (tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"))
     return False
+
+
+def int8_decode_matmul(inputs, int8_kernel, inverse_scale):
+    """`(inputs @ int8_kernel.T) * inverse_scale` on XLA (JAX, TensorFlow) on a CPU:
+    `inputs` [rows, in] float, `int8_kernel` [out, in] int8, `inverse_scale` [out].
+
+    XLA's CPU backend has no fused int8-weight product. Measured on this 2-core EPYC (JAX,
+    one jitted product, batch 1, weights [out, in]; GB/s of int8 read; 2026-12-01):
+
+        weights [out, in]            2048x640   640x2048   16384x2048   2048x16384
+        float32 (W @ x.T).T          37 GB/s*   36 GB/s*   21 (f32 B)   25 (f32 B)
+        Keras: einsum(x, W int8)/s   3.2        5.2        0.34         0.53
+        x @ f32(W).T * (1/s)  <-     11.4       9.8        10.8         0.46
+        (f32(W) @ x.T).T * (1/s)     4.3        4.7        0.29         0.56
+        int8 x int8 dot, row scales  4.3        4.5        0.31         0.39
+        bfloat16 x @ W.T             0.6        0.6        0.8          0.2 (0.9 chunked)
+        (* cache-resident: the small matrices are re-read from cache)
+    The 270M's tied logits, 262144x640 (measured while a test suite ran on the machine):
+    Keras' form 647 ms (0.26 GB/s), `x @ f32(W).T` 21.7 ms (7.7 GB/s), bfloat16 276 ms.
+
+    The int8 -> float32 conversion fuses into the product in the `x @ W.T` form when
+    out >= in: half the float32 time (16384x2048: 3.1 ms against 6.4 ms). No form does when
+    in > out and W is large (2048x16384: 60-73 ms against 5.4 ms in float32, a fixed XLA
+    loop order; chunking the inputs as `decode_matmul` does for bfloat16 makes it worse,
+    190 ms); the 270M's in > out products are small (640x2048, 256x640, 640x1024).
+
+    Example:
+    >>> int8_decode_matmul(keras.ops.ones((1, 4)), keras.ops.ones((3, 4), "int8"),
+    ...                    keras.ops.ones((3,))).shape
+    (1, 3)
+    """
+    kernel = ops.cast(int8_kernel, "float32")
+    product = ops.matmul(ops.cast(inputs, "float32"), ops.transpose(kernel))
+    return ops.cast(ops.multiply(product, ops.cast(inverse_scale, "float32")), inputs.dtype)

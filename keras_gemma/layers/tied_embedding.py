@@ -7,12 +7,21 @@ the hidden states is only what flows through the per-row input scale: wrong (mea
 under it, LoRA factors included, is then trained on that wrong signal (KerasHub shares it).
 Here the forward stays Keras' own; the gradient with respect to the hidden states is the
 product with the dequantized embedding, as Keras' int8 EinsumDense does for its inputs.
+(With keras_gemma's weight-only int8 default the hidden states are not rounded at all;
+an explicit activation quantizer still gets the true gradient.)
+
+Quantized inference (issue 17): `quantize("int8")` is weight-only and Keras' default int4
+config leaves this table in int8 (quantization_defaults.py); on torch the logits run
+through PyTorch's packed int8/int4 CPU kernels, reading the [vocabulary, hidden] table as
+stored (quantized_products.py; 63% of the 270M's bytes); the int4 lookup dequantizes only
+the rows it takes (Keras' unpacks the whole table on every call).
 """
 
 import keras
 from keras import ops
 from keras import quantizers
 
+from keras_gemma.layers import decode_matmul
 from keras_gemma.layers import quantization_defaults
 from keras_gemma.layers import quantized_products
 from keras_gemma.layers import sixteen_bit_product
@@ -22,8 +31,10 @@ from keras_gemma.layers import sixteen_bit_product
 class GemmaReversibleEmbedding(keras.layers.ReversibleEmbedding):
     """`keras.layers.ReversibleEmbedding` whose int8 tied logits have a true input gradient.
 
-    Same constructor, variables and saving as Keras' layer; only the int8 reverse call's
-    gradient differs (the soft-cap, when set, is included in it), and training a bfloat16
+    Same constructor, variables and saving as Keras' layer; the int8 reverse call's
+    gradient differs (the soft-cap, when set, is included in it); `quantize` uses
+    keras_gemma's defaults (weight-only int8; an int8 table under Keras' default int4);
+    quantized inference on torch uses PyTorch's packed kernels; and training a bfloat16
     model under JAX on a CPU computes the logits a block of the vocabulary at a time
     (`sixteen_bit_product.sixteen_bit_logits`).
 
@@ -54,9 +65,33 @@ class GemmaReversibleEmbedding(keras.layers.ReversibleEmbedding):
             return logits
         return super().call(inputs, reverse=reverse)
 
-    def quantized_call(self, *args, training=None, **kwargs):
-        # `training` exists for `call` above; Keras' quantized calls do not take it.
-        return super().quantized_call(*args, **kwargs)
+    def quantized_call(self, inputs, reverse=False, training=None):
+        # `training` exists for `call` above; Keras' quantized calls do not take it. Training
+        # keeps Keras' int8 logits (their custom gradient re-reads the int8 table), except
+        # under XLA on a CPU, which would hold the whole table in float32 for the step.
+        if (
+            reverse
+            and training
+            and self.tie_weights
+            and self.quantization_mode == "int8"
+            and self.inputs_quantizer is None
+            and sixteen_bit_product.runs_here_int8()
+        ):
+            return self._soft_capped(sixteen_bit_product.int8_logits(
+                ops.convert_to_tensor(inputs), ops.convert_to_tensor(self._embeddings),
+                ops.convert_to_tensor(self.embeddings_scale),
+            ))
+        if (
+            reverse
+            and not training
+            and self.tie_weights
+            and self.quantization_mode == "int8"
+            and self.inputs_quantizer is None
+            and keras.backend.backend() in ("jax", "tensorflow")
+            and decode_matmul.xla_runs_on_cpu()
+        ):
+            return self._xla_int8_logits(inputs)
+        return super().quantized_call(inputs, reverse=reverse)
 
     def quantize(self, mode=None, type_check=True, config=None):
         # Keras refuses subclasses by default; this one keeps ReversibleEmbedding's calls.
@@ -78,6 +113,17 @@ class GemmaReversibleEmbedding(keras.layers.ReversibleEmbedding):
                 inputs, training, weight_only=self.inputs_quantizer is None
             )
         )
+
+    def _xla_int8_logits(self, inputs):
+        """Weight-only int8 logits through `decode_matmul.int8_decode_matmul` (inference on
+        JAX/TF on a CPU: Keras' product with an int8 operand runs ~0.4 GB/s there)."""
+        rows = ops.reshape(ops.cast(inputs, self.compute_dtype), (-1, self.output_dim))
+        inverse = ops.reciprocal(ops.convert_to_tensor(self.embeddings_scale))
+        logits = decode_matmul.int8_decode_matmul(
+            rows, ops.convert_to_tensor(self._embeddings), ops.stop_gradient(inverse)
+        )
+        shape = tuple(ops.shape(inputs)[:-1]) + (self.input_dim,)
+        return self._soft_capped(ops.reshape(logits, shape))
 
     def _soft_capped(self, logits):
         if self.logit_soft_cap is None:
