@@ -21,6 +21,8 @@ of int8 weights and the runtime), the rest transient while the first weights are
 import keras
 import numpy as np
 
+from keras_gemma.collect_once import one_collection
+
 MODES = ("int8", "int4")
 
 # Widths of the twin: small, even, and compatible with any head layout.
@@ -115,6 +117,11 @@ def fill(layer, read_rows, rows, rows_per_chunk=4096):
     blocks are independent): the 2B model's table is 2.1 GB in float32, and quantizing it
     whole takes several float32 temporaries of that size.
     """
+    with one_collection():  # Keras collects garbage in each scratch layer's `quantize`
+        _fill(layer, read_rows, rows, rows_per_chunk)
+
+
+def _fill(layer, read_rows, rows, rows_per_chunk):
     if not isinstance(layer, keras.layers.Embedding):
         quantized = _quantize_in_scratch(layer, read_rows(0, rows))
         for variable in layer.weights:
