@@ -13,7 +13,6 @@ import numpy as np
 
 from keras_gemma.checkpoints import handles, huggingface, keras_hub, preset_cards, preset_format
 from keras_gemma.checkpoints import quantized_loading
-from keras_gemma.collect_once import one_collection
 from keras_gemma.layers.initialization import skip_random_initialization
 
 
@@ -261,7 +260,7 @@ def build_backbone(cls, handle, dtype=None, with_weights=True, quantize=None):
                 f"quantize={quantize!r}: {handle} holds a quantized model already; load it "
                 "without `quantize`."
             )
-        if resolved.kind not in ("keras_gemma",) and with_weights:
+        if resolved.kind != "keras_gemma" and with_weights:
             raise ValueError(
                 f"quantize={quantize!r} reads keras_gemma presets (and GGUF files, converted "
                 f"to one): {handle} is a {resolved.kind} checkpoint. Convert it first "
@@ -276,8 +275,7 @@ def build_backbone(cls, handle, dtype=None, with_weights=True, quantize=None):
     # The weights are about to be overwritten: skip drawing random ones.
     with skip_random_initialization():
         backbone = cls.from_gemma_arguments(arguments, resolved)
-    with one_collection():  # quantizing layer by layer: Keras collects garbage per layer
-        return load_weights(backbone, resolved)
+    return load_weights(backbone, resolved)
 
 
 def tokenizer_proto(handle):

@@ -31,6 +31,7 @@ import numpy as np
 from keras_gemma.atomic_write import atomic_directory
 from keras_gemma.checkpoints import quantized_loading
 from keras_gemma.checkpoints.safetensors_io import SafetensorsFile, write_safetensors
+from keras_gemma.collect_once import one_collection
 
 # Bump when the layout or the names of the saved variables change.
 FORMAT_VERSION = 3
@@ -284,10 +285,13 @@ def load_weights(backbone, directory):
         # An owned copy, never the memory map itself: a backend may alias the array it is
         # given (JAX does on CPU) and later write into it.
         assign_checked(variable, weights.read(name, dtype=_numpy_dtype(variable)), name)
-    for float_path, layer in to_quantize.items():
-        name = stored[float_path]
-        quantized_loading.fill(
-            layer, functools.partial(weights.read_rows, name, dtype=np.float32),
-            rows=weights[name].shape[0],
-        )
+    # One garbage collection for the whole model, not one per layer (Keras collects each time
+    # a scratch layer's `quantize` drops its float kernel).
+    with one_collection():
+        for float_path, layer in to_quantize.items():
+            name = stored[float_path]
+            quantized_loading.fill(
+                layer, functools.partial(weights.read_rows, name, dtype=np.float32),
+                rows=weights[name].shape[0],
+            )
     return backbone

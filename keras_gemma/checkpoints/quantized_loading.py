@@ -117,7 +117,9 @@ def fill(layer, read_rows, rows, rows_per_chunk=4096):
     blocks are independent): the 2B model's table is 2.1 GB in float32, and quantizing it
     whole takes several float32 temporaries of that size.
     """
-    with one_collection():  # Keras collects garbage in each scratch layer's `quantize`
+    # Keras collects garbage in each scratch layer's `quantize`; inside a caller's
+    # `one_collection` (a whole model's loading) this one does nothing.
+    with one_collection():
         _fill(layer, read_rows, rows, rows_per_chunk)
 
 
@@ -151,13 +153,14 @@ def _quantize_in_scratch(layer, value):
     config = layer.get_config()
     config["dtype"] = keras.dtype_policies.get(policy._source_name)
     config.pop("quantization_config", None)
-    if isinstance(layer, keras.layers.Embedding):
+    is_embedding = isinstance(layer, keras.layers.Embedding)
+    if is_embedding:
         config["input_dim"] = value.shape[0]
-        scratch = layer.__class__.from_config(config)
+    scratch = layer.__class__.from_config(config)
+    if is_embedding:
         scratch.build()
         target = scratch.embeddings
     else:
-        scratch = layer.__class__.from_config(config)
         scratch.build(_input_shape(layer, value.shape))
         target = scratch._kernel
     if tuple(target.shape) != tuple(value.shape):
