@@ -6,6 +6,7 @@ import warnings
 import keras
 from keras import ops
 
+from keras_gemma.architecture_checks import check_architecture
 from keras_gemma.checkpoints.preset_cards import PresetMapping
 from keras_gemma.collect_once import one_collection
 from keras_gemma.layers.decoder_block import GemmaDecoderBlock
@@ -96,17 +97,11 @@ class GemmaBackbone(LoraMethods, keras.Model):
         dtype=None,
         **kwargs,
     ):
-        if intermediate_dim % 2:
-            raise ValueError(
-                f"intermediate_dim must be even (it is twice the feed-forward width, "
-                f"KerasHub's convention); got {intermediate_dim}."
-            )
-        if head_dim % 2:
-            raise ValueError(f"head_dim must be even for rotary embeddings; got {head_dim}.")
-        if sliding_window_pattern < 1:
-            raise ValueError(
-                f"sliding_window_pattern must be >= 1; got {sliding_window_pattern}."
-            )
+        # Every size and switch checked before a layer is built: a negative layer count
+        # would otherwise surface as an error from inside a norm layer.
+        check_architecture({
+            key: value for key, value in locals().items() if key not in ("self", "kwargs", "dtype")
+        })
         scalar = query_pre_attn_scalar
         if scalar is None:
             scalar = head_dim if query_head_dim_normalize else hidden_dim // num_query_heads

@@ -31,7 +31,8 @@ def _check_sequence_length(value):
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 2:
         raise ValueError(
             "GemmaCausalLMPreprocessor: `sequence_length` must be an integer >= 2. "
-            f"Received: {value!r}."
+            f"Received: {value!r}. Pass e.g. sequence_length=512 (the padded length of the "
+            "model inputs, in tokens)."
         )
     return int(value)
 

@@ -108,17 +108,23 @@ class GemmaTokenizer(keras.layers.Layer):
         self._set_proto(proto)
 
     def _set_proto(self, proto):
+        given = f"`proto` ({os.fspath(proto)!r})" if isinstance(proto, (str, os.PathLike)) else (
+            "`proto`")
+        advice = ("Pass the tokenizer.model of a Gemma checkpoint (or its bytes); if it came "
+                  "with a download, download it again.")
         proto = _read_proto(proto)
         try:
             processor = spm.SentencePieceProcessor(model_proto=proto)
         except RuntimeError as e:
             raise ValueError(
-                "GemmaTokenizer: `proto` is not a valid SentencePiece model (could not parse "
-                f"{len(proto)} bytes): {e}"
+                f"GemmaTokenizer: {given} is not a valid SentencePiece model (could not parse "
+                f"{len(proto)} bytes: {str(e).strip()}). {advice}"
             ) from None
         # An empty byte string "parses" into an uninitialized processor with no pieces.
         if processor.get_piece_size() == 0:
-            raise ValueError("GemmaTokenizer: `proto` is an empty SentencePiece model.")
+            raise ValueError(
+                f"GemmaTokenizer: {given} is an empty SentencePiece model. {advice}"
+            )
         self._proto = proto
         self._sp = processor
         self._tf_tokenizer = None  # built on first graph use

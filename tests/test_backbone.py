@@ -99,9 +99,11 @@ def test_gemma_2b_and_7b_parameter_counts():
 
 
 def test_bad_arguments_are_explained():
-    with pytest.raises(ValueError, match="multiple of num_key_value_heads"):
+    with pytest.raises(
+        ValueError, match=r"`num_key_value_heads` must divide the number of query heads \(4\), got 3"
+    ):
         GemmaBackbone(**{**TINY, "num_key_value_heads": 3})
-    with pytest.raises(ValueError, match="intermediate_dim must be even"):
+    with pytest.raises(ValueError, match="`intermediate_dim` must be even.*got 63"):
         GemmaBackbone(**{**TINY, "intermediate_dim": 63})
 
 

@@ -19,10 +19,14 @@ import time
 
 import numpy as np
 
+from keras_gemma.architecture_checks import check_architecture
+from keras_gemma.checkpoints.config_values import config_integer
+from keras_gemma.checkpoints.config_values import config_number
 from keras_gemma.checkpoints.conversion_cache import cache_root
 from keras_gemma.checkpoints.conversion_cache import conversion_progress
 from keras_gemma.checkpoints.conversion_cache import exclusive
 from keras_gemma.checkpoints.conversion_cache import file_sha256
+from keras_gemma.checkpoints.gguf_header import check_gguf_header
 from keras_gemma.checkpoints.gguf_vocabulary import gguf_field
 from keras_gemma.checkpoints.gguf_vocabulary import sentencepiece_proto
 
@@ -80,6 +84,8 @@ def open_gguf(path):
         raise ValueError(
             f"{path} is not a GGUF file: it starts with {magic!r}, not the GGUF magic b'GGUF'."
         )
+    # Counts and sizes bounded first: the reader trusts them (and loops or fails unnamed).
+    check_gguf_header(path)
     try:
         reader = _gguf_module().GGUFReader(path, "r")
     except Exception as error:  # the reader fails in many ways on a cut file
@@ -135,24 +141,34 @@ def backbone_arguments(reader):
     embedding = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     if embedding is None:
         raise ValueError("the GGUF file has no token_embd.weight tensor: it is not a Gemma model.")
-    try:
-        hidden = int(get("{arch}.embedding_length"))
-        heads = int(get("{arch}.attention.head_count"))
-        arguments = {
-            "vocabulary_size": int(embedding.shape[-1]),
-            "num_layers": int(get("{arch}.block_count")),
-            "num_query_heads": heads,
-            "num_key_value_heads": int(get("{arch}.attention.head_count_kv", heads)),
-            "hidden_dim": hidden,
-            "intermediate_dim": 2 * int(get("{arch}.feed_forward_length")),
-            "head_dim": int(get("{arch}.attention.key_length", hidden // heads)),
-            "layer_norm_epsilon": float(get("{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
-        }
-    except TypeError:  # int(None): a required key is missing
-        raise ValueError(
-            f"the GGUF metadata lacks one of {arch}.embedding_length, block_count, "
-            "feed_forward_length or attention.head_count."
-        ) from None
+    path = getattr(getattr(reader, "data", None), "filename", None) or "the GGUF file"
+    where = f"{path} (GGUF metadata)"
+    keys = {
+        "hidden": "{arch}.embedding_length", "heads": "{arch}.attention.head_count",
+        "layers": "{arch}.block_count", "kv_heads": "{arch}.attention.head_count_kv",
+        "ffn": "{arch}.feed_forward_length", "head_dim": "{arch}.attention.key_length",
+        "epsilon": "{arch}.attention.layer_norm_rms_epsilon",
+    }
+    keys = {short: key.format(arch=arch) for short, key in keys.items()}
+    metadata = {key: get(key) for key in keys.values()}
+    hidden = config_integer(metadata, keys["hidden"], where)
+    heads = config_integer(metadata, keys["heads"], where)
+    arguments = {
+        "vocabulary_size": int(embedding.shape[-1]),
+        "num_layers": config_integer(metadata, keys["layers"], where),
+        "num_query_heads": heads,
+        "num_key_value_heads": config_integer(metadata, keys["kv_heads"], where, heads),
+        "hidden_dim": hidden,
+        "intermediate_dim": 2 * config_integer(metadata, keys["ffn"], where),
+        "head_dim": config_integer(metadata, keys["head_dim"], where, hidden // max(heads, 1)),
+        "layer_norm_epsilon": config_number(metadata, keys["epsilon"], where, 1e-6),
+    }
+    # Checked before anything is built or converted, naming the GGUF keys.
+    names = {"num_layers": keys["layers"], "num_query_heads": keys["heads"],
+             "num_key_value_heads": keys["kv_heads"], "hidden_dim": keys["hidden"],
+             "head_dim": keys["head_dim"], "layer_norm_epsilon": keys["epsilon"],
+             "vocabulary_size": "token_embd.weight's rows"}
+    check_architecture(arguments, where, names)
     theta = float(get("{arch}.rope.freq_base", 10000.0))
     scaling_type = get("{arch}.rope.scaling.type", "none")
     if scaling_type not in ("none", "linear"):

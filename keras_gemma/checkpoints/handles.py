@@ -41,9 +41,38 @@ def _describe(error):
     return text if len(text) < 400 else text[:400] + " ..."
 
 
+def check_handle_path(handle, prefix, path):
+    """Refuses a handle whose path could leave the hub's cache: `..` or `.` segments, an
+    absolute path, a home (`~`) or drive path, backslashes or control characters.
+
+    Example:
+    >>> check_handle_path("hf://../../etc", "hf://", "../../etc")
+    Traceback (most recent call last):
+    ValueError: 'hf://../../etc' is not a valid handle: ...
+    """
+    segments = path.split("/")
+    problem = None
+    if path.startswith(("/", "~")) or (len(path) > 1 and path[1] == ":"):
+        problem = "it holds an absolute path"
+    elif "\\" in path or any(ord(c) < 32 for c in path):
+        problem = "it holds a backslash or a control character"
+    elif any(segment in ("..", ".") for segment in segments):
+        problem = "it holds a '..' or '.' path segment"
+    if problem:
+        example = ("kaggle://keras/gemma/keras/gemma_2b_en/3" if prefix == KAGGLE_PREFIX
+                   else "hf://google/gemma-2b")
+        raise ValueError(
+            f"{handle!r} is not a valid handle: {problem}, which could point outside the "
+            f"download cache. Write it as {prefix}... with plain names, e.g. {example}; for "
+            "files on this machine pass the local directory itself."
+        )
+
+
 def download_kaggle(handle):
     """Downloads `kaggle://owner/model/framework/variation[/version]`; returns its directory."""
-    path = handle[len(KAGGLE_PREFIX):].strip("/")
+    path = handle[len(KAGGLE_PREFIX):]
+    check_handle_path(handle, KAGGLE_PREFIX, path)
+    path = path.strip("/")
     parts = path.split("/")
     if len(parts) not in (4, 5) or not all(parts):
         raise ValueError(
@@ -67,7 +96,9 @@ def download_kaggle(handle):
 
 def download_huggingface(handle):
     """Downloads the safetensors checkpoint `hf://org/repo[@revision]`; returns its directory."""
-    repo = handle[len(HF_PREFIX):].strip("/")
+    repo = handle[len(HF_PREFIX):]
+    check_handle_path(handle, HF_PREFIX, repo)
+    repo = repo.strip("/")
     revision = None
     if "@" in repo:
         repo, revision = repo.split("@", 1)

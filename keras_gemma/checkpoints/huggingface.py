@@ -12,9 +12,22 @@ import keras
 import ml_dtypes
 import numpy as np
 
+from keras_gemma.architecture_checks import check_architecture
+from keras_gemma.checkpoints.config_values import config_integer
+from keras_gemma.checkpoints.config_values import config_number
+from keras_gemma.checkpoints.preset_files import shard_path as checked_shard_path
 from keras_gemma.checkpoints.safetensors_io import SafetensorsFile
 
 SUPPORTED_MODEL_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma3")
+# GemmaBackbone's argument -> transformers' config.json key, for errors naming the file's entry.
+TRANSFORMERS_NAMES = {
+    "vocabulary_size": "vocab_size", "num_layers": "num_hidden_layers",
+    "num_query_heads": "num_attention_heads", "num_key_value_heads": "num_key_value_heads",
+    "hidden_dim": "hidden_size", "head_dim": "head_dim", "layer_norm_epsilon": "rms_norm_eps",
+    "sliding_window_size": "sliding_window", "query_pre_attn_scalar": "query_pre_attn_scalar",
+    "attention_logit_soft_cap": "attn_logit_softcapping",
+    "final_logit_soft_cap": "final_logit_softcapping",
+}
 
 
 def is_transformers_config(config):
@@ -22,18 +35,21 @@ def is_transformers_config(config):
     return isinstance(config, dict) and config.get("model_type") in SUPPORTED_MODEL_TYPES
 
 
-def _rope_settings(config, model_type):
+def _rope_settings(config, model_type, where):
     """(local wavelength, global wavelength, local scaling, global scaling)."""
 
-    def parse(parameters, where):
+    def parse(parameters, section):
+        if not isinstance(parameters, dict):
+            raise ValueError(f"{where}: `{section}` must be a JSON object, got {parameters!r}.")
         rope_type = parameters.get("rope_type", parameters.get("type", "default"))
         if rope_type not in ("default", "linear"):
             raise ValueError(
-                f"config.json: RoPE type {rope_type!r} in {where} is not supported by "
+                f"{where}: RoPE type {rope_type!r} in {section} is not supported by "
                 "keras_gemma (supported: 'default' and 'linear')."
             )
-        factor = float(parameters.get("factor", 1.0)) if rope_type == "linear" else 1.0
-        return float(parameters.get("rope_theta", 10000.0)), factor
+        entry = f"{where} ({section})"
+        factor = config_number(parameters, "factor", entry, 1.0) if rope_type == "linear" else 1.0
+        return config_number(parameters, "rope_theta", entry, 10000.0), factor
 
     parameters = config.get("rope_parameters")
     if isinstance(parameters, dict) and "full_attention" in parameters:
@@ -46,16 +62,16 @@ def _rope_settings(config, model_type):
         return theta, theta, factor, factor
     # transformers 4.x layout: rope_theta (+ rope_local_base_freq and rope_scaling on Gemma 3,
     # where the scaling applies to the global layers only).
-    global_theta = float(config.get("rope_theta", 10000.0))
+    global_theta = config_number(config, "rope_theta", where, 10000.0)
     scaling = config.get("rope_scaling") or {}
     _, global_factor = parse({**scaling, "rope_theta": global_theta}, "rope_scaling")
     if model_type == "gemma3_text":
-        local_theta = float(config.get("rope_local_base_freq", 10000.0))
+        local_theta = config_number(config, "rope_local_base_freq", where, 10000.0)
         return local_theta, global_theta, 1.0, global_factor
     return global_theta, global_theta, global_factor, global_factor
 
 
-def _sliding_window_pattern(config, model_type, num_layers):
+def _sliding_window_pattern(config, model_type, num_layers, where):
     """(use_sliding_window_attention, pattern) from layer_types or the 4.x defaults."""
     layer_types = config.get("layer_types")
     if layer_types is None:
@@ -63,10 +79,11 @@ def _sliding_window_pattern(config, model_type, num_layers):
             return False, 2
         if model_type == "gemma2":
             return True, 2
-        return True, int(config.get("sliding_window_pattern", 6))
+        return True, config_integer(config, "sliding_window_pattern", where, 6)
     if len(layer_types) != num_layers:
         raise ValueError(
-            f"config.json: layer_types has {len(layer_types)} entries for {num_layers} layers."
+            f"{where}: layer_types has {len(layer_types)} entries for {num_layers} layers "
+            "(num_hidden_layers); the two must agree. Is config.json the right one?"
         )
     if all(kind == "full_attention" for kind in layer_types):
         return False, 2
@@ -80,14 +97,16 @@ def _sliding_window_pattern(config, model_type, num_layers):
     ]
     if list(layer_types) != expected:
         raise ValueError(
-            "config.json: layer_types does not follow a repeating local/global pattern "
+            f"{where}: layer_types does not follow a repeating local/global pattern "
             f"(every N-th layer global), which keras_gemma needs; got {layer_types}."
         )
     return True, pattern
 
 
-def backbone_config_from_transformers(config):
+def backbone_config_from_transformers(config, where="config.json"):
     """Translates a transformers Gemma config dict into GemmaBackbone arguments.
+
+    `where` (the file's path) names the file in errors about its values.
 
     Example:
     >>> backbone_config_from_transformers(json.load(open("config.json")))["hidden_dim"]
@@ -95,6 +114,7 @@ def backbone_config_from_transformers(config):
     """
     model_type = config.get("model_type")
     if model_type == "gemma3":
+        where = f"{where} (text_config)"
         config = dict(config.get("text_config") or {})
         model_type = "gemma3_text"
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -105,26 +125,25 @@ def backbone_config_from_transformers(config):
     activation = config.get("hidden_activation") or config.get("hidden_act") or "gelu_pytorch_tanh"
     if activation not in ("gelu_pytorch_tanh", "gelu", "gelu_tanh"):
         raise ValueError(
-            f"config.json: activation {activation!r} is not Gemma's GELU; keras_gemma cannot "
-            "load this model."
+            f"{where}: activation {activation!r} is not Gemma's GELU; keras_gemma cannot "
+            "load this model (is it a Gemma checkpoint?)."
         )
-    try:
-        hidden = int(config["hidden_size"])
-        heads = int(config["num_attention_heads"])
-        num_layers = int(config["num_hidden_layers"])
-        arguments = {
-            "vocabulary_size": int(config["vocab_size"]),
-            "num_layers": num_layers,
-            "num_query_heads": heads,
-            "num_key_value_heads": int(config.get("num_key_value_heads") or heads),
-            "hidden_dim": hidden,
-            "intermediate_dim": 2 * int(config["intermediate_size"]),
-            "head_dim": int(config.get("head_dim") or hidden // heads),
-            "layer_norm_epsilon": float(config.get("rms_norm_eps", 1e-6)),
-        }
-    except KeyError as error:
-        raise ValueError(f"config.json lacks the key {error.args[0]!r}.") from None
-    local_theta, global_theta, local_factor, global_factor = _rope_settings(config, model_type)
+    hidden = config_integer(config, "hidden_size", where)
+    heads = config_integer(config, "num_attention_heads", where)
+    num_layers = config_integer(config, "num_hidden_layers", where)
+    arguments = {
+        "vocabulary_size": config_integer(config, "vocab_size", where),
+        "num_layers": num_layers,
+        "num_query_heads": heads,
+        "num_key_value_heads": config_integer(config, "num_key_value_heads", where, heads),
+        "hidden_dim": hidden,
+        "intermediate_dim": 2 * config_integer(config, "intermediate_size", where),
+        "head_dim": config_integer(config, "head_dim", where, hidden // max(heads, 1)),
+        "layer_norm_epsilon": config_number(config, "rms_norm_eps", where, 1e-6),
+    }
+    # Sizes checked now, naming config.json's keys, before any layer or weight is made.
+    check_architecture(arguments, where, TRANSFORMERS_NAMES)
+    local_theta, global_theta, local_factor, global_factor = _rope_settings(config, model_type, where)
     arguments.update(
         local_rope_max_wavelength=local_theta,
         global_rope_max_wavelength=global_theta,
@@ -133,7 +152,7 @@ def backbone_config_from_transformers(config):
     )
     if model_type == "gemma":
         return arguments
-    use_sliding, pattern = _sliding_window_pattern(config, model_type, num_layers)
+    use_sliding, pattern = _sliding_window_pattern(config, model_type, num_layers, where)
     window = config.get("sliding_window")
     arguments.update(
         query_pre_attn_scalar=config.get("query_pre_attn_scalar", arguments["head_dim"]),
@@ -143,9 +162,10 @@ def backbone_config_from_transformers(config):
         attention_logit_soft_cap=config.get("attn_logit_softcapping"),
         final_logit_soft_cap=config.get("final_logit_softcapping"),
         use_sliding_window_attention=use_sliding and window is not None,
-        sliding_window_size=int(window) if window is not None else 4096,
+        sliding_window_size=config_integer(config, "sliding_window", where, 4096),
         sliding_window_pattern=pattern,
     )
+    check_architecture(arguments, where, TRANSFORMERS_NAMES)
     return arguments
 
 
@@ -174,16 +194,29 @@ class _Shards:
         return self._owner[name].read(name)
 
 
+def _index_weight_map(index_path):
+    """The `weight_map` of a shard index: `{tensor name: shard file name}`, checked."""
+    try:
+        with open(index_path) as file:
+            weight_map = json.load(file).get("weight_map")
+    except (ValueError, AttributeError) as error:
+        raise ValueError(f"{index_path} is not a shard index (a JSON object): {error}. "
+                         "Download the checkpoint again.") from None
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index_path} has no `weight_map` object (got {weight_map!r}). "
+                         "Download the checkpoint again.")
+    return weight_map
+
+
 def read_transformers_tensors(directory):
     """All tensors of model.safetensors or its shards, memory-mapped, as one mapping."""
     index_path = os.path.join(directory, "model.safetensors.index.json")
     single_path = os.path.join(directory, "model.safetensors")
     if os.path.exists(index_path):
-        with open(index_path) as file:
-            weight_map = json.load(file)["weight_map"]
+        weight_map = _index_weight_map(index_path)
         files = []
         for shard in sorted(set(weight_map.values())):
-            shard_path = os.path.join(directory, shard)
+            shard_path = checked_shard_path(directory, shard, index_path)
             if not os.path.exists(shard_path):
                 raise FileNotFoundError(
                     f"{index_path} names the shard {shard!r}, which is missing from {directory}."
@@ -301,14 +334,44 @@ def assign_checked(variable, value, source_name):
     variable.assign(value)
 
 
+def checkpoint_shape(variable, to_theirs):
+    """The shape `variable` has in the checkpoint's layout, found without allocating it.
+
+    `to_theirs` runs on a stand-in of the variable's shape whose strides are all zero (one
+    byte of memory), so a 2 GB embedding costs nothing to ask about.
+
+    Example:
+    >>> variable, name, _, to_theirs = transformers_weight_table(backbone)[3]
+    >>> checkpoint_shape(variable, to_theirs)        # q_proj: (heads * head_dim, hidden)
+    (32, 32)
+    """
+    shape = tuple(variable.shape)
+    stand_in = np.lib.stride_tricks.as_strided(
+        np.zeros(1, "int8"), shape=shape, strides=(0,) * len(shape), writeable=False
+    )
+    return tuple(to_theirs(stand_in).shape)
+
+
 def load_transformers_weights(backbone, directory):
     """Fills `backbone` with the weights of the transformers checkpoint in `directory`."""
     tensors = read_transformers_tensors(directory)
-    prefix, pairs = transformers_weight_map(backbone, tensors.keys())
+    prefix = _language_model_prefix(tensors.keys())
     used = set()
-    for variable, name, transform in pairs:
+    for variable, name, transform, to_theirs in transformers_weight_table(backbone, prefix):
         if name not in tensors:
-            raise ValueError(f"{directory}: the checkpoint lacks the tensor {name!r}.")
+            raise ValueError(
+                f"{directory}: the checkpoint lacks the tensor {name!r}. Is config.json the "
+                "right one for these weights?"
+            )
+        # Checked before reshaping: a reshape would fail naming no tensor, or (same size,
+        # other shape) silently scramble the weights.
+        expected, stored = checkpoint_shape(variable, to_theirs), tuple(tensors[name].shape)
+        if stored != expected:
+            raise ValueError(
+                f"{directory}: tensor {name!r} has shape {stored}, but config.json describes a "
+                f"model whose {name!r} is {expected}. Is config.json the right one for these "
+                "weights? Download the checkpoint again if it is."
+            )
         # The transforms are transposes and reshapes; ascontiguousarray makes the owned copy
         # (never an alias of the memory map, which a backend could write into).
         value = np.ascontiguousarray(transform(tensors.read(name)))

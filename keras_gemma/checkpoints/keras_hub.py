@@ -13,6 +13,7 @@ import ml_dtypes
 import numpy as np
 
 from keras_gemma.checkpoints.huggingface import assign_checked
+from keras_gemma.checkpoints.preset_files import shard_path
 
 REGISTERED_NAMES = {
     "keras_hub>GemmaBackbone": "gemma",
@@ -89,7 +90,7 @@ def _read_h5_tensors(directory):
     datasets = {}
     handles = []
     for name in files:
-        path = os.path.join(directory, name)
+        path = shard_path(directory, name, index_path)
         try:
             handle = h5py.File(path, "r")
         except OSError as error:

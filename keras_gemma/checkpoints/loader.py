@@ -11,8 +11,10 @@ import os
 
 import numpy as np
 
+from keras_gemma.architecture_checks import check_architecture
 from keras_gemma.checkpoints import handles, huggingface, keras_hub, preset_cards, preset_format
 from keras_gemma.checkpoints import quantized_loading
+from keras_gemma.checkpoints.preset_files import check_links_inside
 from keras_gemma.layers.initialization import skip_random_initialization
 
 
@@ -30,8 +32,11 @@ def read_json(path):
     try:
         with open(path) as file:
             return json.load(file)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(
+            f"{path} is not valid JSON ({error}). The file is corrupt or cut short: download "
+            "or write it again."
+        ) from None
 
 
 def _detect(path, card=None):
@@ -42,6 +47,8 @@ def _detect(path, card=None):
             f"{path} is a file; keras_gemma loads directories (keras_gemma, KerasHub or "
             "transformers presets) and .gguf files."
         )
+    # Before any file is opened: a link out of the directory could make us read anything.
+    check_links_inside(path)
     config_path = os.path.join(path, "config.json")
     if not os.path.exists(config_path):
         raise FileNotFoundError(
@@ -49,6 +56,12 @@ def _detect(path, card=None):
             "preset directory."
         )
     config = read_json(config_path)
+    if not isinstance(config, dict):
+        raise ValueError(
+            f"{config_path} must hold a JSON object of settings, got a JSON "
+            f"{type(config).__name__}. It is not a preset's config.json: download or write it "
+            "again."
+        )
     if preset_format.is_keras_gemma_config(config):
         return ResolvedPreset("keras_gemma", path, config, card)
     if keras_hub.is_keras_hub_config(config):
@@ -97,14 +110,18 @@ def backbone_arguments(resolved):
             raise ValueError(f"{where} has no backbone section.")
         preset_format.check_class(resolved.config, "preprocessor", where)
         preset_format.check_class(resolved.config, "task", where)
-        return preset_format.validate_backbone_config(dict(config), where)
+        arguments = preset_format.validate_backbone_config(dict(config), where)
+        check_architecture(arguments, where)
+        return arguments
     if resolved.kind == "keras_hub":
         unknown = keras_hub.unused_keys(resolved.config)
         if unknown:
             raise ValueError(f"{where}: KerasHub config keys keras_gemma does not know: {unknown}.")
-        return keras_hub.backbone_config_from_keras_hub(resolved.config)
+        arguments = keras_hub.backbone_config_from_keras_hub(resolved.config)
+        check_architecture(arguments, where)
+        return arguments
     if resolved.kind == "transformers":
-        return huggingface.backbone_config_from_transformers(resolved.config)
+        return huggingface.backbone_config_from_transformers(resolved.config, where)
     raise ValueError(f"cannot read a backbone config from a {resolved.kind} preset.")
 
 

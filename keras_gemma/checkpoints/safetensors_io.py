@@ -7,6 +7,7 @@ detected before any tensor is used.
 """
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -34,6 +35,58 @@ class SafetensorsError(ValueError):
     """A safetensors file is truncated, corrupt, or holds a dtype we cannot read."""
 
 
+_FIX = "Download or convert the file again."
+
+
+def _corrupt(path, name, problem):
+    return SafetensorsError(
+        f"{path} is truncated or corrupt: tensor {name!r} {problem}. {_FIX}"
+    )
+
+
+def _checked_entry(path, name, entry, data_size):
+    """(dtype, shape, begin, end) of one header entry, every field checked against the file."""
+    if not isinstance(entry, dict):
+        raise _corrupt(path, name, f"has the header entry {entry!r} instead of an object")
+    dtype = _DTYPES.get(entry.get("dtype"))
+    if dtype is None:
+        raise SafetensorsError(
+            f"{path}: tensor {name!r} has dtype {entry.get('dtype')!r}, which "
+            f"keras_gemma cannot read (supported: {sorted(_DTYPES)})."
+        )
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise _corrupt(path, name, f"has shape {shape!r}, not a list of non-negative integers")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(_is_count(o) for o in offsets) or offsets[0] > offsets[1]):
+        raise _corrupt(path, name, f"has data_offsets {offsets!r}, not [begin, end] with "
+                       "0 <= begin <= end")
+    begin, end = offsets
+    expected = math.prod(shape) * dtype.itemsize  # Python integers: an overflow cannot hide
+    if end - begin != expected:
+        raise _corrupt(path, name, f"of dtype {entry['dtype']} and shape {tuple(shape)} needs "
+                       f"{expected} bytes, but its data_offsets {offsets} span {end - begin}")
+    if end > data_size:
+        raise _corrupt(path, name, f"of shape {tuple(shape)} needs bytes {begin}..{end} of "
+                       f"data, the file holds {data_size}")
+    return dtype, tuple(shape), begin, end
+
+
+def _is_count(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_no_overlap(path, entries):
+    """Refuses two tensors whose bytes overlap (writing one would change the other)."""
+    spans = sorted((begin, end, name) for name, (_, _, begin, end) in entries.items()
+                   if end > begin)
+    for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+        if begin < end:
+            raise _corrupt(path, second, f"overlaps tensor {first!r} (its data begins at "
+                           f"byte {begin}, before {first!r} ends at {end})")
+
+
+
 class SafetensorsFile:
     """A safetensors file, memory-mapped: tensors are read when used and released after.
 
@@ -58,35 +111,28 @@ class SafetensorsFile:
             if header_length > min(_MAX_HEADER_BYTES, size - 8):
                 raise SafetensorsError(
                     f"{self.path} is not a safetensors file or is truncated: its header "
-                    f"claims {header_length} bytes but the file has {size}."
+                    f"claims {header_length} bytes but the file has {size} (and a header is "
+                    f"at most {_MAX_HEADER_BYTES}). {_FIX}"
                 )
             try:
                 header = json.loads(file.read(header_length))
             except (UnicodeDecodeError, json.JSONDecodeError) as error:
                 raise SafetensorsError(
-                    f"{self.path} has a corrupt safetensors header: {error}"
+                    f"{self.path} has a corrupt safetensors header (not JSON: {error}). {_FIX}"
                 ) from None
+            if not isinstance(header, dict):
+                raise SafetensorsError(
+                    f"{self.path} has a corrupt safetensors header: a JSON "
+                    f"{type(header).__name__} instead of an object of tensors. {_FIX}"
+                )
             self.metadata = header.pop("__metadata__", None) or {}
             self._data_start = 8 + header_length
             data_size = size - self._data_start
-            self._entries = {}
-            for name, entry in header.items():
-                dtype = _DTYPES.get(entry.get("dtype"))
-                if dtype is None:
-                    raise SafetensorsError(
-                        f"{self.path}: tensor {name!r} has dtype {entry.get('dtype')!r}, which "
-                        f"keras_gemma cannot read (supported: {sorted(_DTYPES)})."
-                    )
-                begin, end = entry["data_offsets"]
-                shape = tuple(entry["shape"])
-                expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-                if end > data_size or end - begin != expected:
-                    raise SafetensorsError(
-                        f"{self.path} is truncated or corrupt: tensor {name!r} of shape "
-                        f"{shape} needs bytes {begin}..{begin + expected} of data, the file "
-                        f"holds {data_size}."
-                    )
-                self._entries[name] = (dtype, shape, begin, end)
+            self._entries = {
+                name: _checked_entry(self.path, name, entry, data_size)
+                for name, entry in header.items()
+            }
+            _check_no_overlap(self.path, self._entries)
             self._map = (
                 mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) if size > 0 else None
             )

@@ -44,6 +44,8 @@ from keras_gemma.checkpoints.sentencepiece_proto import (
 _SPECIAL = ("<pad>", "<eos>", "<bos>", "<unk>")
 _BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
 _WHERE = "sentencepiece_proto_from_tokenizer_json"
+_ADVICE = ("Pass the tokenizer.json of a Gemma checkpoint (transformers' save_pretrained writes "
+           "it); if it came with a download, download it again.")
 
 
 def sentencepiece_proto_from_tokenizer_json(path_or_dict):
@@ -72,6 +74,15 @@ def sentencepiece_proto_from_tokenizer_json(path_or_dict):
     ```
     """
     data = _load(path_or_dict)
+    source = "" if isinstance(path_or_dict, dict) else f" (in {os.fspath(path_or_dict)!r})"
+    try:
+        return _proto_from_tokenizer(data)
+    except ValueError as error:
+        raise ValueError(f"{error}{source} {_ADVICE}") from None
+
+
+def _proto_from_tokenizer(data):
+    """The body of `sentencepiece_proto_from_tokenizer_json`, on the parsed JSON."""
     model = data.get("model")
     if not isinstance(model, dict):
         raise ValueError(f"{_WHERE}: tokenizer.json has no `model` (a JSON object).")
@@ -144,9 +155,11 @@ def _load(path_or_dict):
         try:
             data = json.load(f)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{_WHERE}: '{path}' is not valid JSON ({e}).") from None
+            raise ValueError(f"{_WHERE}: '{path}' is not valid JSON ({e}). {_ADVICE}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{_WHERE}: '{path}' does not hold a tokenizer (a JSON object).")
+        raise ValueError(
+            f"{_WHERE}: '{path}' does not hold a tokenizer (a JSON object). {_ADVICE}"
+        )
     return data
 
 

@@ -16,6 +16,11 @@ def as_token_batch(inputs, max_length):
     padding_mask = np.asarray(ops.convert_to_numpy(inputs["padding_mask"])).astype(bool)
     if token_ids.ndim == 1:
         token_ids, padding_mask = token_ids[None], padding_mask[None]
+    if token_ids.shape != padding_mask.shape:
+        raise ValueError(
+            f"generate(): token_ids has shape {token_ids.shape} and padding_mask "
+            f"{padding_mask.shape}; they must be the same (the mask marks each row's prompt)."
+        )
     if max_length is not None and max_length != token_ids.shape[1]:
         width = token_ids.shape[1]
         if max_length < width:

@@ -2,6 +2,7 @@
 
 import numpy as np
 
+from keras_gemma.generation import arguments
 from keras_gemma.generation import batches as token_batches
 from keras_gemma.generation import prompts
 from keras_gemma.generation.text_stream import TextStream
@@ -48,6 +49,9 @@ class GenerationMethods:
             same keys and shape, the padding mask extended over the generated tokens.
         """
         inputs = prompts.unwrap_prompts(inputs)
+        self._check_arguments("generate()", max_length, stop_token_ids)
+        if self.preprocessor is not None:
+            arguments.check_prompts(inputs, "generate()")
         stop_ids = self._stop_token_ids(stop_token_ids)
         batches, single, is_dataset = prompts.generate_batches(self.preprocessor, inputs, max_length)
         outputs = [self._generate_batch(batch, stop_ids, strip_prompt) for batch in batches]
@@ -60,7 +64,14 @@ class GenerationMethods:
             return {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
         return outputs[0]
 
+    def _check_arguments(self, caller, max_length, stop_token_ids):
+        arguments.check_max_length(max_length, caller)
+        arguments.check_stop_token_ids(
+            stop_token_ids, self.backbone.vocabulary_size, caller
+        )
+
     def _generate_batch(self, batch, stop_ids, strip_prompt):
+        arguments.check_token_batch(batch, self.backbone.vocabulary_size, "generate()")
         prompt_mask = batch["padding_mask"].astype(bool)
         token_ids, padding_mask = self.generator.generate(
             batch["token_ids"],
@@ -91,7 +102,11 @@ class GenerationMethods:
         if self.preprocessor is None:
             raise ValueError("stream() needs a preprocessor to turn tokens into text.")
         if not isinstance(prompt, str):
-            raise TypeError(f"stream() takes one prompt string; got {type(prompt).__name__}.")
+            raise TypeError(
+                f"stream() takes one prompt string; got {type(prompt).__name__}. For a batch, "
+                "call generate(), or stream() each prompt in turn."
+            )
+        self._check_arguments("stream()", max_length, stop_token_ids)
         stop_ids = self._stop_token_ids(stop_token_ids)
         batch = token_batches.as_token_batch(
             self.preprocessor.generate_preprocess([prompt], sequence_length=max_length), None
