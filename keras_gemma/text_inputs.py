@@ -56,13 +56,27 @@ def is_int(v):
     return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
-def _as_str(x):
+def _as_str(x, index=0):
     if isinstance(x, bytes):
         try:
             return x.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise ValueError(f"GemmaTokenizer.tokenize: bytes are not valid UTF-8 ({e}).") from None
+            raise ValueError(
+                f"GemmaTokenizer.tokenize: string {index} is bytes that are not valid UTF-8 "
+                f"({e}). Decode it yourself, e.g. data.decode('utf-8', 'replace')."
+            ) from None
     if isinstance(x, str):
+        try:
+            x.encode("utf-8")
+        except UnicodeEncodeError as e:
+            # A lone surrogate (half of a UTF-16 pair, or a byte kept by
+            # errors="surrogateescape") is no character: SentencePiece cannot take it.
+            raise ValueError(
+                f"GemmaTokenizer.tokenize: string {index} holds the lone surrogate "
+                f"{x[e.start]!r} at position {e.start}, which is not a character and has no "
+                "UTF-8 form. Clean the text first, e.g. "
+                "text.encode('utf-8', 'replace').decode('utf-8')."
+            ) from None
         return x
     raise TypeError(
         "GemmaTokenizer.tokenize expects a string or a 1-D batch of strings. "
@@ -79,5 +93,5 @@ def as_strings(inputs):
             )
         inputs = inputs.tolist()
     if isinstance(inputs, (list, tuple)):
-        return [_as_str(x) for x in inputs], False
+        return [_as_str(x, index) for index, x in enumerate(inputs)], False
     return [_as_str(inputs)], True

@@ -151,7 +151,8 @@ def _keras_gemma_preset(path, **backbone_overrides):
 def test_dtype_policy_naming_code_outside_keras_is_refused(tmp_path, dtype):
     preset = _keras_gemma_preset(tmp_path / "preset", dtype=dtype)
     with pytest.raises(ValueError, match=r"the backbone's dtype must be a dtype name or one of "
-                                         r"Keras' dtype policies"):
+                                         r"Keras' dtype policies .*; got .*Write it as a name "
+                                         r"such as \"float32\""):
         GemmaBackbone.from_preset(preset)
     assert not (tmp_path / "owned").exists()
 

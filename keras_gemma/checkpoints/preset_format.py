@@ -84,7 +84,8 @@ def _check_dtype_policy(value, where, inside_map=False):
     ):
         raise ValueError(
             f"{where}: the backbone's dtype must be a dtype name or one of Keras' dtype "
-            f"policies {allowed}; got {value!r}."
+            f"policies {allowed}; got {value!r}. Write it as a name such as \"float32\" or "
+            "\"bfloat16\": keras_gemma imports no other class named by a preset."
         )
     if name == "DTypePolicyMap":
         _check_dtype_policy(config.get("default_policy"), where, inside_map=True)
