@@ -91,16 +91,20 @@ class LoraMethods:
         """Writes only the LoRA variables, by path: `.h5` as HDF5, anything else safetensors."""
         tensors = {v.path: keras.ops.convert_to_numpy(v) for v in self._lora_variables()}
         filepath = str(filepath)
-        if filepath.endswith(".h5"):
-            import h5py
+        from keras_gemma.atomic_write import atomic_file
 
-            with h5py.File(filepath, "w") as file:
-                for path, value in tensors.items():
-                    file.create_dataset(path, data=value)
-        else:
-            from keras_gemma.checkpoints.safetensors_io import write_safetensors
+        # Written whole beside its place, then renamed: a crash leaves the earlier file.
+        with atomic_file(filepath) as staging:
+            if filepath.endswith(".h5"):
+                import h5py
 
-            write_safetensors(filepath, tensors)
+                with h5py.File(staging, "w") as file:
+                    for path, value in tensors.items():
+                        file.create_dataset(path, data=value)
+            else:
+                from keras_gemma.checkpoints.safetensors_io import write_safetensors
+
+                write_safetensors(staging, tensors)
 
     def load_lora_weights(self, filepath):
         """Reads weights written by `save_lora_weights` (enable_lora with the same rank first)."""

@@ -356,22 +356,25 @@ def test_writes_are_whole_or_not_at_all(models, sentencepiece_proto, tmp_path, m
     ours.backbone.save_to_preset(preset)
     before = {name: open(os.path.join(preset, name), "rb").read() for name in os.listdir(preset)}
 
-    # The rename of config.json fails: the old config.json stays, no temporary file is left.
-    real_replace = os.replace
+    # The rename that puts the new preset in place fails: the old preset stays whole (no new
+    # tokenizer.model beside the old config.json), and nothing is left beside it.
+    real_rename = os.rename
 
-    def failing_replace(source, target):
-        if target.endswith("config.json"):
+    def failing_rename(source, target):
+        if ".partial-" in os.fspath(source):
             raise OSError("disk full")
-        return real_replace(source, target)
+        return real_rename(source, target)
 
-    monkeypatch.setattr(preset_parts.os, "replace", failing_replace)
+    monkeypatch.setattr(preset_parts.os, "rename", failing_rename)
     with pytest.raises(OSError, match="disk full"):
         tokenizer.save_to_preset(preset)
     monkeypatch.undo()
-    assert sorted(os.listdir(preset)) == sorted(before) + ["tokenizer.model"]
-    assert open(os.path.join(preset, "config.json"), "rb").read() == before["config.json"]
+    assert sorted(os.listdir(preset)) == sorted(before)
+    assert all(open(os.path.join(preset, name), "rb").read() == data
+               for name, data in before.items())
+    assert sorted(os.listdir(tmp_path)) == ["preset"]
     # A new directory fails whole: nothing appears, nothing is left beside it.
-    monkeypatch.setattr(preset_parts.os, "replace", failing_replace)
+    monkeypatch.setattr(preset_parts.os, "rename", failing_rename)
     with pytest.raises(OSError, match="disk full"):
         tokenizer.save_to_preset(str(tmp_path / "new"))
     monkeypatch.undo()

@@ -1,11 +1,25 @@
-"""keras_gemma's cache of converted checkpoints: where it is, file hashes, atomic writes."""
+"""keras_gemma's cache of converted checkpoints: where it is, file hashes, atomic writes, and
+the completion marker that a reader checks before it trusts an entry.
+
+An entry is a directory written whole (keras_gemma.atomic_write), then `COMPLETE_FILE` is
+written last: every file's size, and its sha256 where hashing it on each load is cheap. A
+reader (`entry_problem`) trusts an entry only when the marker is there and every file matches
+it; anything else (a kill before the marker, a truncated or altered file, an older
+converter) is converted again with a one-line notice.
+"""
 
 import contextlib
 import hashlib
 import json
 import os
 import sys
-import tempfile
+
+from keras_gemma.atomic_write import write_file_atomically
+
+COMPLETE_FILE = "conversion_complete.json"
+# Files up to this size are hashed on every load (milliseconds); larger ones (the float32
+# weights, gigabytes) are checked by size, which catches a truncated copy.
+CHECKSUM_LIMIT = 64 << 20
 
 
 def cache_root():
@@ -19,11 +33,70 @@ def cache_root():
 
 def write_json_atomically(path, value):
     """Writes `value` as JSON to `path` through a temporary file, so a reader never sees half."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-    with os.fdopen(handle, "w") as file:
-        json.dump(value, file, indent=1)
-    os.replace(temporary, path)
+    write_file_atomically(path, json.dumps(value, indent=1).encode("utf-8"))
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _file_table(directory):
+    table = {}
+    for name in sorted(os.listdir(directory)):
+        full = os.path.join(directory, name)
+        if name == COMPLETE_FILE or not os.path.isfile(full):
+            continue
+        size = os.path.getsize(full)
+        table[name] = {"size": size, "sha256": _sha256(full)} if size <= CHECKSUM_LIMIT else {
+            "size": size}
+    return table
+
+
+def mark_complete(directory, converter_version):
+    """Writes the completion marker of the cache entry `directory`: call it last, once every
+    file of the entry is in place.
+
+    Example:
+    >>> save_preset(directory, backbone)
+    >>> mark_complete(directory, CONVERTER_VERSION)
+    """
+    marker = {"converter_version": converter_version, "files": _file_table(directory)}
+    write_json_atomically(os.path.join(directory, COMPLETE_FILE), marker)
+
+
+def entry_problem(directory, converter_version):
+    """What is wrong with the cache entry `directory`, or None when it is complete and intact.
+
+    Example:
+    >>> entry_problem(directory, CONVERTER_VERSION)
+    'model.safetensors has 1048576 bytes, 2097152 expected'
+    """
+    try:
+        with open(os.path.join(directory, COMPLETE_FILE)) as file:
+            marker = json.load(file)
+        files = dict(marker["files"])
+    except FileNotFoundError:
+        return f"no {COMPLETE_FILE}: its conversion did not finish"
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"{COMPLETE_FILE} is unreadable ({error})"
+    if marker.get("converter_version") != converter_version:
+        return (f"written by converter version {marker.get('converter_version')!r}, "
+                f"this one is {converter_version!r}")
+    for name, expected in files.items():
+        full = os.path.join(directory, name)
+        try:
+            size = os.path.getsize(full)
+        except OSError:
+            return f"{name} is missing"
+        if size != expected.get("size"):
+            return f"{name} has {size} bytes, {expected.get('size')} expected"
+        if "sha256" in expected and _sha256(full) != expected["sha256"]:
+            return f"{name} does not match its recorded sha256"
+    return None
 
 
 def file_sha256(path):
@@ -39,16 +112,13 @@ def file_sha256(path):
     key = [stat.st_size, stat.st_mtime_ns]
     if path in memo and memo[path][:2] == key:
         return memo[path][2]
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 22), b""):
-            digest.update(block)
-    memo[path] = key + [digest.hexdigest()]
+    digest = _sha256(path)
+    memo[path] = key + [digest]
     try:
         write_json_atomically(memo_path, memo)
     except OSError:  # a read-only cache only costs the hash next time
         pass
-    return digest.hexdigest()
+    return digest
 
 
 def conversion_progress(name):

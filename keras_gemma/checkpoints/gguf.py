@@ -15,7 +15,9 @@ Example:
 import gc
 import json
 import os
+import shutil
 import time
+import warnings
 
 import numpy as np
 
@@ -24,8 +26,10 @@ from keras_gemma.checkpoints.config_values import config_integer
 from keras_gemma.checkpoints.config_values import config_number
 from keras_gemma.checkpoints.conversion_cache import cache_root
 from keras_gemma.checkpoints.conversion_cache import conversion_progress
+from keras_gemma.checkpoints.conversion_cache import entry_problem
 from keras_gemma.checkpoints.conversion_cache import exclusive
 from keras_gemma.checkpoints.conversion_cache import file_sha256
+from keras_gemma.checkpoints.conversion_cache import mark_complete
 from keras_gemma.checkpoints.gguf_header import check_gguf_header
 from keras_gemma.checkpoints.gguf_vocabulary import gguf_field
 from keras_gemma.checkpoints.gguf_vocabulary import sentencepiece_proto
@@ -37,6 +41,12 @@ SUPPORTED_ARCHITECTURES = ("gemma", "gemma2", "gemma3")
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1",
                    "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 _CARD_FAMILIES = {"gemma": ("gemma", "codegemma"), "gemma2": ("gemma2",), "gemma3": ("gemma3",)}
+_METADATA_KEYS = {
+    "hidden_dim": "{arch}.embedding_length", "num_query_heads": "{arch}.attention.head_count",
+    "num_layers": "{arch}.block_count", "num_key_value_heads": "{arch}.attention.head_count_kv",
+    "feed_forward_length": "{arch}.feed_forward_length", "head_dim": "{arch}.attention.key_length",
+    "layer_norm_epsilon": "{arch}.attention.layer_norm_rms_epsilon",
+}
 _SHAPE_KEYS = ("vocabulary_size", "num_layers", "num_query_heads", "num_key_value_heads",
                "hidden_dim", "intermediate_dim", "head_dim")
 # transformers' tensor names (what huggingface.transformers_weight_map pairs with our
@@ -143,31 +153,25 @@ def backbone_arguments(reader):
         raise ValueError("the GGUF file has no token_embd.weight tensor: it is not a Gemma model.")
     path = getattr(getattr(reader, "data", None), "filename", None) or "the GGUF file"
     where = f"{path} (GGUF metadata)"
-    keys = {
-        "hidden": "{arch}.embedding_length", "heads": "{arch}.attention.head_count",
-        "layers": "{arch}.block_count", "kv_heads": "{arch}.attention.head_count_kv",
-        "ffn": "{arch}.feed_forward_length", "head_dim": "{arch}.attention.key_length",
-        "epsilon": "{arch}.attention.layer_norm_rms_epsilon",
-    }
-    keys = {short: key.format(arch=arch) for short, key in keys.items()}
-    metadata = {key: get(key) for key in keys.values()}
-    hidden = config_integer(metadata, keys["hidden"], where)
-    heads = config_integer(metadata, keys["heads"], where)
+    # Our argument -> the GGUF key, for reading and for errors that name the key.
+    names = {name: key.format(arch=arch) for name, key in _METADATA_KEYS.items()}
+    metadata = {key: get(key) for key in names.values()}
+
+    def integer(name, *default):
+        return config_integer(metadata, names[name], where, *default)
+
+    hidden, heads = integer("hidden_dim"), integer("num_query_heads")
     arguments = {
         "vocabulary_size": int(embedding.shape[-1]),
-        "num_layers": config_integer(metadata, keys["layers"], where),
+        "num_layers": integer("num_layers"),
         "num_query_heads": heads,
-        "num_key_value_heads": config_integer(metadata, keys["kv_heads"], where, heads),
+        "num_key_value_heads": integer("num_key_value_heads", heads),
         "hidden_dim": hidden,
-        "intermediate_dim": 2 * config_integer(metadata, keys["ffn"], where),
-        "head_dim": config_integer(metadata, keys["head_dim"], where, hidden // max(heads, 1)),
-        "layer_norm_epsilon": config_number(metadata, keys["epsilon"], where, 1e-6),
+        "intermediate_dim": 2 * integer("feed_forward_length"),
+        "head_dim": integer("head_dim", hidden // max(heads, 1)),
+        "layer_norm_epsilon": config_number(metadata, names["layer_norm_epsilon"], where, 1e-6),
     }
     # Checked before anything is built or converted, naming the GGUF keys.
-    names = {"num_layers": keys["layers"], "num_query_heads": keys["heads"],
-             "num_key_value_heads": keys["kv_heads"], "hidden_dim": keys["hidden"],
-             "head_dim": keys["head_dim"], "layer_norm_epsilon": keys["epsilon"],
-             "vocabulary_size": "token_embd.weight's rows"}
     check_architecture(arguments, where, names)
     theta = float(get("{arch}.rope.freq_base", 10000.0))
     scaling_type = get("{arch}.rope.scaling.type", "none")
@@ -292,13 +296,20 @@ def cache_directory(path):
 
 
 def _is_converted(directory):
-    try:
-        with open(os.path.join(directory, "config.json")) as file:
-            metadata = json.load(file).get("metadata", {})
-    except (OSError, ValueError):
-        return False
-    return (metadata.get("gguf", {}).get("converter_version") == CONVERTER_VERSION
-            and os.path.exists(os.path.join(directory, "tokenizer.model")))
+    return entry_problem(directory, CONVERTER_VERSION) is None
+
+
+def _discard_unusable(path, directory):
+    """Removes a cache entry that fails validation, with a one-line notice; the caller then
+    converts again. A missing entry needs no notice."""
+    if not os.path.lexists(directory):
+        return
+    problem = entry_problem(directory, CONVERTER_VERSION)
+    if problem is None:
+        return
+    warnings.warn(f"keras_gemma: the cached conversion of {os.path.basename(path)} in "
+                  f"{directory} is unusable ({problem}); converting it again.", stacklevel=3)
+    shutil.rmtree(directory)
 
 
 def _instruction_tuned(reader):
@@ -323,6 +334,7 @@ def convert(path):
     with exclusive(directory):
         if _is_converted(directory):
             return directory
+        _discard_unusable(path, directory)
         return _convert(path, directory)
 
 
@@ -352,6 +364,7 @@ def _convert(path, directory):
     }
     try:
         save_preset(directory, backbone, tokenizer_proto=proto, metadata=metadata)
+        mark_complete(directory, CONVERTER_VERSION)  # last: a reader trusts nothing before it
     except OSError as error:
         raise OSError(f"cannot save the converted model in {directory} ({error}); set "
                       "KERAS_GEMMA_CACHE to a writable directory with room for the float32 "

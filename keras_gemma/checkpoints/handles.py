@@ -150,4 +150,11 @@ def local_path(handle):
         expanded = os.path.expanduser(handle)
         if os.path.exists(expanded):
             return expanded
+        if handle and not handle.startswith((KAGGLE_PREFIX, HF_PREFIX)):
+            from keras_gemma.atomic_write import recover_interrupted_write
+
+            # A save killed between its two renames left the earlier preset aside: put it
+            # back (with a one-line notice) rather than report nothing there.
+            if recover_interrupted_write(expanded):
+                return expanded if os.path.exists(expanded) else None
     return None

@@ -9,9 +9,8 @@ preprocessor's settings (`"preprocessor": {"class_name": "GemmaCausalLMPreproces
 the preset as it is. `preset_format.save_preset` in turn calls `keep_parts`, so a backbone
 saved after the tokenizer keeps it.
 
-Every file is written whole: into a temporary file that is renamed over the old one, and
-config.json last, so the sections never name a tokenizer file that is not there yet. A new
-directory is assembled beside its place and renamed into it.
+The preset is written whole: assembled in a temporary sibling directory (the files that do
+not change hard-linked into it) and renamed into place, so a crash leaves the old preset.
 
 Example:
 ```python
@@ -24,7 +23,7 @@ import json
 import os
 import shutil
 
-from keras_gemma.atomic_write import atomic_directory, write_file_atomically
+from keras_gemma.atomic_write import atomic_directory, recover_interrupted_write
 from keras_gemma.checkpoints import preset_format
 
 TOKENIZER_SECTION = "tokenizer"
@@ -124,19 +123,38 @@ def _read_config(directory):
 
 
 def _write_parts(directory, proto, config):
-    # The model file first: config.json then names a tokenizer that is already whole.
-    write_file_atomically(os.path.join(directory, preset_format.TOKENIZER_FILE), proto)
-    write_file_atomically(os.path.join(directory, preset_format.CONFIG_FILE), _config_bytes(config))
+    with open(os.path.join(directory, preset_format.TOKENIZER_FILE), "wb") as file:
+        file.write(proto)
+    with open(os.path.join(directory, preset_format.CONFIG_FILE), "wb") as file:
+        file.write(json.dumps(config, indent=2).encode("utf-8"))
 
 
-def _config_bytes(config):
-    return json.dumps(config, indent=2).encode("utf-8")
+def _link_or_copy(source, target):
+    try:
+        os.link(source, target)  # the same bytes, no copy of gigabytes of weights
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def _carry_over(directory, staging, replaced):
+    """Puts every entry of `directory` except `replaced` into `staging`, as hard links."""
+    for name in os.listdir(directory):
+        if name in replaced:
+            continue
+        source, target = os.path.join(directory, name), os.path.join(staging, name)
+        if os.path.isdir(source) and not os.path.islink(source):
+            shutil.copytree(source, target, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(source, target)
 
 
 def _update_preset(directory, proto, sections):
     directory = os.path.abspath(os.fspath(directory))
+    # A save killed between its renames left the preset aside: back first, then kept.
+    recover_interrupted_write(directory)
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise ValueError(f"{directory} exists and is not a directory.")
+    config = None
     if os.path.isdir(directory) and os.listdir(directory):
         config = _read_config(directory)
         if config is None:
@@ -149,12 +167,16 @@ def _update_preset(directory, proto, sections):
                 f"{directory} exists and is {what}: refusing to write a keras_gemma tokenizer "
                 "into it. Choose an empty or new directory, or a keras_gemma preset."
             )
-        config.update(sections)
-        _write_parts(directory, proto, config)
-        return directory
-    # A new preset: assembled beside its place, so that it appears whole or not at all.
-    config = {"keras_gemma_format": preset_format.FORMAT_VERSION, **sections, "metadata": {}}
+    # The whole preset is assembled beside its place and renamed into it, so that a crash
+    # leaves the old preset, never a new tokenizer.model beside the old config.json; the
+    # files that do not change are carried over as hard links.
     marker = preset_format.CONFIG_FILE
     with atomic_directory(directory, marker=marker, description="a preset") as staging:
+        if config is None:
+            config = {"keras_gemma_format": preset_format.FORMAT_VERSION, "metadata": {}}
+        else:
+            replaced = (preset_format.TOKENIZER_FILE, preset_format.CONFIG_FILE)
+            _carry_over(directory, staging, replaced)
+        config.update(sections)
         _write_parts(staging, proto, config)
     return directory

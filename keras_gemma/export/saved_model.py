@@ -21,7 +21,6 @@ the TensorFlow backend in a subprocess (the weights are the same bytes).
 """
 
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -93,23 +92,20 @@ def _export_in_subprocess(causal_lm, path, max_length, sampler):
 def _export_here(causal_lm, path, max_length, sampler):
     import tensorflow as tf
 
+    from keras_gemma.atomic_write import atomic_directory
     from keras_gemma.export.signatures import build_signatures
 
     sampler = get_sampler(sampler)
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.partial-", dir=parent)
-    proto_file = os.path.join(staging, "tokenizer.model")
-    try:
+    # The SavedModel is assembled beside `path` and renamed into place (an earlier export
+    # there is replaced; any other non-empty directory is refused). The tokenizer file the
+    # graph reads is copied into the SavedModel's assets, so its own copy is scratch.
+    with tempfile.TemporaryDirectory(prefix="keras_gemma_export_") as scratch:
+        proto_file = os.path.join(scratch, "tokenizer.model")
         with open(proto_file, "wb") as file:
             file.write(causal_lm.preprocessor.tokenizer.proto)
         module, signatures = build_signatures(
             causal_lm, proto_file, length_bucket(max_length), max_length, sampler
         )
-        saved = os.path.join(staging, "saved_model")
-        tf.saved_model.save(module, saved, signatures=signatures)
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        os.rename(saved, path)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        marker = dict(marker="saved_model.pb", description="an earlier export")
+        with atomic_directory(path, **marker) as staging:
+            tf.saved_model.save(module, staging, signatures=signatures)
