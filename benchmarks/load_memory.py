@@ -27,8 +27,21 @@ each weight as it is read (one layer in float at a time). The int8 model's weigh
 ~2.5 GB for the 2B shape; issue 17 asks for at most 1.5x that plus one layer in float32 (the
 2.1 GB embedding). Measured (JAX, one run): KerasHub 13.5 GB peak, keras_gemma 4.7 GB.
 
+With `--preflight`: the memory preflight's estimate (keras_gemma/checkpoints/
+memory_preflight.py, what `from_preset` compares with the memory available before it
+allocates) next to the measured peak, loading keras_gemma's preset in float32, bfloat16 and
+int8 (`--preflight-dtypes` picks others, e.g. int4). The estimate is of what the load adds to
+the process, so it is compared with the peak less what the process held before the load.
+Measured (JAX, gemma_2b_en shape, a 2-core machine shared with other jobs, one run each):
+
+    dtype      estimate GB   peak - before GB   ratio
+    float32       12.87          12.71           1.01
+    bfloat16       6.81           6.73           1.01
+    int8           4.58           4.51           1.02
+
 Usage: python benchmarks/load_memory.py [--dir /tmp/gemma_2b_bf16] [--backend jax]
        [--shape 2b|tiny] [--distributed] [--only-distributed] [--int8] [--only-int8]
+       [--preflight] [--preflight-dtypes float32,bfloat16,int8]
 """
 
 import argparse
@@ -141,6 +154,18 @@ elif which == "keras_hub_int8":
     import keras_hub
     model = keras_hub.models.GemmaBackbone.from_preset(path, dtype="bfloat16")
     model.quantize("int8")
+elif which == "preflight":
+    # argv[3]: a float dtype, or "int8"/"int4" (quantized while loading a bfloat16 model).
+    import keras_gemma
+    from keras_gemma.checkpoints import loader, memory_preflight
+    option = sys.argv[3]
+    dtype, quantize = ("bfloat16", option) if option.startswith("int") else (option, None)
+    resolved, arguments = loader.backbone_config(path, dtype=dtype, convert=False)
+    estimate = memory_preflight.load_estimate(arguments, dtype, resolved.kind, quantize)
+    # The resident memory now (ru_maxrss would be the parent's, inherited through fork).
+    before = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
+    print(f"ESTIMATE {estimate.total} {before}")
+    model = keras_gemma.GemmaBackbone.from_preset(path, dtype=dtype, quantize=quantize)
 elif which == "keras_gemma_int8":
     import keras_gemma
     model = keras_gemma.GemmaBackbone.from_preset(path, dtype="bfloat16", quantize="int8")
@@ -152,15 +177,17 @@ print(f"RESULT {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024} {elap
 """
 
 
-def measure(which, path, backend):
+def measure(which, path, backend, *options):
     environment = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
     if which == "distributed":
         # XLA reads the device count when JAX starts: the loading process gets it set.
         environment.update(KERAS_BACKEND="jax",
                            XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    result = subprocess.run([sys.executable, "-c", LOADER, which, path], env=environment,
-                            capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", LOADER, which, path, *options],
+                            env=environment, capture_output=True, text=True)
     for line in result.stdout.splitlines():
+        if line.startswith("ESTIMATE"):
+            measure.estimate = tuple(int(value) for value in line.split()[1:])
         if line.startswith("BEFORE"):
             print(f"  (that process held {int(line.split()[1]) / 1e9:.2f} GB before loading)")
         if line.startswith("RESULT"):
@@ -182,6 +209,10 @@ def main():
                         help="also load into int8: KerasHub loads then quantizes, keras_gemma "
                         "quantizes while loading (from_preset(..., quantize='int8'))")
     parser.add_argument("--only-int8", action="store_true", help="only the int8 rows")
+    parser.add_argument("--preflight", action="store_true",
+                        help="only the memory preflight's estimate against the measured peak")
+    parser.add_argument("--preflight-dtypes", default="float32,bfloat16,int8",
+                        help="the loads --preflight measures: float dtypes, int8, int4")
     args = parser.parse_args()
     shape = SHAPES[args.shape]
     directory = os.path.join(args.dir, args.shape)
@@ -209,11 +240,27 @@ def main():
         rows = [distributed]
     elif args.distributed:
         rows.append(distributed)
+    if args.preflight:
+        preflight_table(ours_dir, args.backend, args.preflight_dtypes.split(","))
+        return
     print(f"backend {args.backend}; bfloat16 weights: {weight_bytes / 1e9:.2f} GB")
     print(f"{'loader':48s} {'peak RSS GB':>11s} {'x weights':>9s} {'seconds':>8s}")
     for label, which, path in rows:
         peak, seconds = measure(which, path, args.backend)
         print(f"{label:48s} {peak / 1e9:11.2f} {peak / weight_bytes:9.2f} {seconds:8.1f}")
+
+
+def preflight_table(path, backend, options):
+    """The preflight's estimate of each load against its measured peak (fresh processes)."""
+    print(f"backend {backend}; keras_gemma preset {path}")
+    print(f"{'dtype':10s} {'estimate GB':>11s} {'before GB':>9s} {'peak GB':>8s} "
+          f"{'peak - before':>13s} {'ratio':>6s} {'seconds':>8s}")
+    for option in options:
+        peak, seconds = measure("preflight", path, backend, option)
+        estimate, before = measure.estimate
+        ratio = estimate / (peak - before)
+        print(f"{option:10s} {estimate / 1e9:11.2f} {before / 1e9:9.2f} {peak / 1e9:8.2f} "
+              f"{(peak - before) / 1e9:13.2f} {ratio:6.2f} {seconds:8.1f}")
 
 
 if __name__ == "__main__":

@@ -316,21 +316,30 @@ class GemmaBackbone(LoraMethods, keras.Model):
         per_layer = attention + feed_forward + norms
         return config["vocabulary_size"] * hidden + config["num_layers"] * per_layer + hidden
 
-    def quantize(self, mode=None, **kwargs):
+    def quantize(self, mode=None, *args, check_memory=True, **kwargs):
         """Keras' `Model.quantize` (e.g. "int8"), with one garbage collection in all and no
         warning for each layer that has nothing to quantize (norms, dropout).
+
+        First checks that the quantized weights fit beside the float ones (a `MemoryError`
+        names the figures otherwise; `check_memory=False` or KERAS_GEMMA_SKIP_MEMORY_CHECK=1
+        skips the check, see checkpoints/memory_preflight.py).
 
         Example:
         >>> backbone.quantize("int8")
         """
+        from keras_gemma.checkpoints.memory_preflight import check_quantize
+
+        check_quantize(self, mode, check_memory)
         with one_collection(), warnings.catch_warnings():
             warnings.filterwarnings(
                 "ignore", message=".*does not have a `quantize` method", category=UserWarning
             )
-            super().quantize(mode, **kwargs)
+            super().quantize(mode, *args, **kwargs)
 
     @classmethod
-    def from_preset(cls, preset, dtype=None, load_weights=True, quantize=None, **kwargs):
+    def from_preset(
+        cls, preset, dtype=None, load_weights=True, quantize=None, check_memory=True, **kwargs
+    ):
         """Builds a backbone from a preset name, a checkpoint directory or a handle.
 
         `preset` is a name from `keras_gemma.list_presets()`, a local directory (keras_gemma,
@@ -338,6 +347,12 @@ class GemmaBackbone(LoraMethods, keras.Model):
         variation[/version]` or `hf://org/repo`. `dtype` picks the weights' dtype;
         `quantize="int8"` or `"int4"` quantizes each weight as it is read, so the model is
         never whole in float (keras_gemma presets and GGUF files).
+
+        Before anything is allocated, the memory the load needs at its peak is compared with
+        what this process may still take (cgroup limits and the host's free memory); a load
+        that cannot fit raises `MemoryError` with both figures and the ways out.
+        `check_memory=False`, or the environment variable KERAS_GEMMA_SKIP_MEMORY_CHECK=1,
+        skips the check.
 
         Example:
         >>> backbone = GemmaBackbone.from_preset("./my_transformers_gemma_dir")
@@ -349,7 +364,8 @@ class GemmaBackbone(LoraMethods, keras.Model):
         if kwargs:
             raise TypeError(f"unexpected arguments to from_preset: {sorted(kwargs)}.")
         return build_backbone(
-            cls, preset, dtype=dtype, with_weights=load_weights, quantize=quantize
+            cls, preset, dtype=dtype, with_weights=load_weights, quantize=quantize,
+            check_memory=check_memory,
         )
 
     @classmethod

@@ -26,6 +26,14 @@ class GemmaCausalLM(GenerationMethods, keras.Model):
     `fit()`, `evaluate()`, `predict()` and `generate()` take strings. The model is compiled
     with fine-tuning defaults on construction; `compile()` again to change them.
 
+    Threads: `generate()` and `stream()` may run in several threads at once on one model (a
+    web server's workers), each caller getting the result it would have had alone: each call
+    owns its inputs and KV cache, and the calls share only the compiled programs, which are
+    built once (tests/test_generation_threads.py runs 4 threads x 5 mixed requests on every
+    backend). Do not change the weights (`fit`, `quantize`, `enable_lora`, `merge_lora`)
+    while another thread generates. A `keras.distribution` is per thread in Keras: set it in
+    each thread that generates.
+
     Args:
         backbone: a `keras_gemma.GemmaBackbone`.
         preprocessor: a `keras_gemma.GemmaCausalLMPreprocessor`, or None to work on token ids.
@@ -170,7 +178,8 @@ class GemmaCausalLM(GenerationMethods, keras.Model):
 
     @classmethod
     def from_preset(
-        cls, preset, dtype=None, sequence_length=None, load_weights=True, quantize=None, **kwargs
+        cls, preset, dtype=None, sequence_length=None, load_weights=True, quantize=None,
+        check_memory=True, **kwargs
     ):
         """A GemmaCausalLM with its backbone, tokenizer and preprocessor from one handle.
 
@@ -181,7 +190,9 @@ class GemmaCausalLM(GenerationMethods, keras.Model):
         (None for a model on token ids) replace what the preset would load, and
         `compile=False` leaves the model uncompiled. `quantize="int8"` or `"int4"` quantizes
         while loading (one layer in float at a time; the same model as loading in float and
-        calling `quantize`); a saved quantized preset loads quantized without it.
+        calling `quantize`); a saved quantized preset loads quantized without it. A load that
+        cannot fit in the memory left to the process raises `MemoryError` before anything is
+        allocated (`check_memory=False` or KERAS_GEMMA_SKIP_MEMORY_CHECK=1 skips the check).
 
         Example:
         >>> lm = GemmaCausalLM.from_preset("gemma3_270m", dtype="float32")
@@ -196,7 +207,8 @@ class GemmaCausalLM(GenerationMethods, keras.Model):
         if "backbone" not in kwargs:
             backbone_cls = cls.backbone_cls or _default_class("backbone")
             kwargs["backbone"] = backbone_cls.from_preset(
-                resolved, dtype=dtype, load_weights=load_weights, quantize=quantize
+                resolved, dtype=dtype, load_weights=load_weights, quantize=quantize,
+                check_memory=check_memory,
             )
         elif dtype is not None or quantize is not None:
             raise ValueError(
@@ -276,10 +288,12 @@ class GemmaCausalLM(GenerationMethods, keras.Model):
 
         return export_to_gguf(self, path, dtype=dtype)
 
-    def quantize(self, mode=None, **kwargs):
+    def quantize(self, mode=None, *args, check_memory=True, **kwargs):
         """`backbone.quantize` (Keras' `Model.quantize`, e.g. "int8"); compiled generate
-        functions are rebuilt. Only the backbone has layers to quantize."""
-        self.backbone.quantize(mode, **kwargs)
+        functions are rebuilt. Only the backbone has layers to quantize. A quantization whose
+        weights cannot fit beside the float ones raises `MemoryError` first
+        (`check_memory=False` skips the check)."""
+        self.backbone.quantize(mode, *args, check_memory=check_memory, **kwargs)
         self.generator.reset()
 
     def merge_lora(self):

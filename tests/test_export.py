@@ -15,6 +15,7 @@ from keras_gemma import GemmaBackbone, GemmaCausalLM, GemmaCausalLMPreprocessor,
 PROMPTS = ["The quick brown fox", "", "hello world and more words here, in a long prompt"]
 MAX_LENGTH = 24
 LONG_PROMPT = " ".join(["word"] * 200)  # far more than MAX_LENGTH tokens
+THREAD_ROUNDS = 12  # calls per serving thread after the warm-up (8 threads)
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +59,37 @@ logits = model.signatures["logits"](
     padding_mask=tf.constant(request["padding_mask"], tf.int32))["logits"].numpy()
 np.save(request["logits_file"], logits)
 out["modules"] = sorted(m for m in sys.modules if m.startswith("keras_gemma"))
+# 8 threads calling generate_with_length at once (as TF Serving's threads do): each call must
+# return what the same call returned alone, and memory must stay flat over many calls.
+import resource, threading
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
+with_length = model.signatures["generate_with_length"]
+cases = request["thread_cases"]
+def call(case):
+    prompts, length = case
+    texts = with_length(prompts=tf.constant(prompts), max_length=tf.constant(length))["text"]
+    return [t.decode("utf-8") for t in texts.numpy()]
+alone = [call(case) for case in cases]
+errors, mismatches, calls = [], [], []
+def worker(thread, rounds):
+    for r in range(rounds):
+        index = (thread + r) % len(cases)
+        try:
+            if call(cases[index]) != alone[index]:
+                mismatches.append(index)
+        except Exception as error:
+            errors.append(repr(error))
+        calls.append(index)
+def in_threads(rounds):
+    threads = [threading.Thread(target=worker, args=(t, rounds)) for t in range(8)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+in_threads(1)  # warm-up: the allocator's pools and the functions' first calls
+before = rss()
+in_threads(request["thread_rounds"])
+out["threads"] = {"calls": len(calls), "errors": errors, "mismatches": mismatches,
+                  "rss_before": before, "rss_after": rss()}
 print("RESULT " + json.dumps(out))
 """
 
@@ -71,6 +103,11 @@ def _serve(path, tmp_path):
         "padding_mask": padding_mask.tolist(),
         "logits_file": str(tmp_path / "logits.npy"),
         "long": LONG_PROMPT,
+        # Mixed prompts, batch sizes and max_lengths for the 8 serving threads (batches of 1
+        # and 3, the sizes the requests above ran already: no new XLA compile).
+        "thread_cases": [[[PROMPTS[0]], 20], [PROMPTS, 12], [[PROMPTS[2]], 24],
+                         [PROMPTS[::-1], 16], [["one more"], 9], [[PROMPTS[1]], 24]],
+        "thread_rounds": THREAD_ROUNDS,
     }
     environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     environment.pop("KERAS_BACKEND", None)
@@ -97,6 +134,14 @@ def test_served_generate_and_logits_match_the_keras_model(causal_lm, exported, t
     }
     expected = keras.ops.convert_to_numpy(causal_lm(inputs))
     np.testing.assert_allclose(logits, expected, atol=1e-5, rtol=0)
+    threads = served["threads"]
+    growth = threads["rss_after"] - threads["rss_before"]
+    print(f"\nSavedModel generate from 8 threads: {threads['calls']} calls, "
+          f"{len(threads['errors'])} errors, {len(threads['mismatches'])} differing from serial; "
+          f"RSS {threads['rss_before'] / 1e6:.0f} MB -> {threads['rss_after'] / 1e6:.0f} MB")
+    assert threads["errors"] == [] and threads["mismatches"] == []
+    assert threads["calls"] == 8 * (1 + THREAD_ROUNDS)
+    assert growth < 20e6, f"memory grew by {growth / 1e6:.0f} MB over {threads['calls']} calls"
 
 
 def test_saved_model_cli_lists_the_signatures(exported):

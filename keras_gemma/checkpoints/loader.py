@@ -13,7 +13,7 @@ import numpy as np
 
 from keras_gemma.architecture_checks import check_architecture
 from keras_gemma.checkpoints import handles, huggingface, keras_hub, preset_cards, preset_format
-from keras_gemma.checkpoints import quantized_loading
+from keras_gemma.checkpoints import memory_preflight, quantized_loading
 from keras_gemma.checkpoints.preset_files import check_links_inside
 from keras_gemma.layers.initialization import skip_random_initialization
 
@@ -256,13 +256,18 @@ def _malloc_trim():
     return lambda: trim(0)
 
 
-def build_backbone(cls, handle, dtype=None, with_weights=True, quantize=None):
+def build_backbone(cls, handle, dtype=None, with_weights=True, quantize=None, check_memory=True):
     """`cls.from_gemma_arguments(...)` filled from `handle`: what `from_preset` does.
 
     `quantize` ("int8" or "int4") builds the quantized layers with their int8/int4 variables
-    and quantizes each float weight as it is read (see quantized_loading.py).
+    and quantizes each float weight as it is read (see quantized_loading.py). Before anything
+    is converted or built, the memory the load needs is compared with what the process may
+    take (memory_preflight.py); `check_memory=False` skips that.
     """
-    resolved, arguments = backbone_config(handle, dtype=dtype, convert=with_weights)
+    resolved = resolve(handle)
+    if with_weights and not memory_preflight.skip_requested(check_memory):
+        _check_memory(handle, resolved, dtype, quantize)
+    resolved, arguments = backbone_config(resolved, dtype=dtype, convert=with_weights)
     if quantize is not None:
         import keras
 
@@ -293,6 +298,18 @@ def build_backbone(cls, handle, dtype=None, with_weights=True, quantize=None):
     with skip_random_initialization():
         backbone = cls.from_gemma_arguments(arguments, resolved)
     return load_weights(backbone, resolved)
+
+
+def _check_memory(handle, resolved, dtype, quantize):
+    """The preflight of a load, from the config alone (a GGUF file's header): a quantized
+    load of a kind that cannot be quantized while loading is refused later, with its own
+    message."""
+    if quantize is not None:
+        quantized_loading.check_mode(quantize)
+        if resolved.kind not in ("keras_gemma", "gguf"):
+            return
+    header, arguments = backbone_config(resolved, dtype=dtype, convert=False)
+    memory_preflight.check_load(handle, header, arguments, quantize)
 
 
 def tokenizer_proto(handle):

@@ -1,5 +1,7 @@
 """The compiled prefill + decode loop behind `GemmaCausalLM.generate()` and `stream()`."""
 
+import threading
+
 import keras
 import numpy as np
 from keras import ops
@@ -53,6 +55,9 @@ class Generator:
     def __init__(self, model):
         self.model = model
         self.trace_count = 0
+        # Guards the table of programs: threads asking for a new one at once get one program
+        # (compiled once), not one each.
+        self._lock = threading.RLock()
         self.reset()
 
     def reset(self):
@@ -371,12 +376,13 @@ class Generator:
         # Enabling LoRA or quantizing changes the weights a traced program reads: such a
         # model compiles afresh (and the stale programs are dropped).
         signature = tuple(id(v) for v in self.model.weights)
-        if signature != self._signature:
-            self._functions = {}
-            self._signature = signature
-        function = self._functions.get(key)
-        if function is None:
-            function = self._functions[key] = make()
+        with self._lock:
+            if signature != self._signature:
+                self._functions = {}
+                self._signature = signature
+            function = self._functions.get(key)
+            if function is None:
+                function = self._functions[key] = make()
         return function
 
     def _counted(self, function):

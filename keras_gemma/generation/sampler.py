@@ -1,8 +1,12 @@
 """The base class of the samplers that pick each generated token."""
 
+import threading
+
 import keras
 import numpy as np
 from keras import ops
+
+_CALL_COUNT_LOCK = threading.Lock()
 
 
 def write_column(tokens, index, column):
@@ -103,8 +107,10 @@ class Sampler:
             return np.random.randint(-(2**31), 2**31 - 1, size=(2,), dtype=np.int64).astype(
                 "int32"
             )
-        key = np.array([self.seed & 0xFFFFFFFF, self._calls & 0xFFFFFFFF], dtype=np.uint32)
-        self._calls += 1
+        with _CALL_COUNT_LOCK:  # threads generating at once each get a key of their own
+            calls = self._calls
+            self._calls += 1
+        key = np.array([self.seed & 0xFFFFFFFF, calls & 0xFFFFFFFF], dtype=np.uint32)
         return key.view(np.int32)
 
     def scaled(self, logits):

@@ -37,6 +37,7 @@ Set `KERAS_GEMMA_TORCH_TRACE=0` to always decode eagerly.
 """
 
 import os
+import threading
 import warnings
 
 import keras
@@ -73,6 +74,8 @@ class TracedStep:
         self._failed = not tracing_enabled()
         self._output_structure = None
         self._frozen = ()  # (index, tensor, version) of the non-trainable values traced
+        # Threads generating at once trace a new step once: the others wait for it.
+        self._trace_lock = threading.Lock()
 
     def _variables(self):
         # Listed once: collecting them walks every layer (~3 ms a step for 18 blocks), and
@@ -94,7 +97,9 @@ class TracedStep:
         values = [v.value for v in variables]
         flat = tree.flatten(arguments)
         if self._traced is None or self._stale(values):
-            self._trace(variables, values, arguments, flat)
+            with self._trace_lock:
+                if self._traced is None or self._stale(values):
+                    self._trace(variables, values, arguments, flat)
             if self._failed:
                 return self.function(*arguments)
         outputs = self._traced(*values, *flat)

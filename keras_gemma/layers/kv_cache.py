@@ -1,11 +1,14 @@
 """Keys and values written into a preallocated KV cache [batch, 2, max_length, kv, head_dim]."""
 
 import contextlib
+import threading
 
 import keras
 from keras import ops
 
-_in_place = {"active": False}
+# Per thread: one thread tracing its decode step must not make another thread's eager
+# `call_with_cache` write into the cache its caller still holds.
+_in_place = threading.local()
 
 
 @contextlib.contextmanager
@@ -18,12 +21,12 @@ def cache_writes_in_place():
     TensorFlow, whose compiled `slice_update` already writes in place) caches are values:
     `call_with_cache` never changes the cache it is given.
     """
-    previous = _in_place["active"]
-    _in_place["active"] = True
+    previous = getattr(_in_place, "active", False)
+    _in_place.active = True
     try:
         yield
     finally:
-        _in_place["active"] = previous
+        _in_place.active = previous
 
 
 def write_to_cache(cache, start_index, keys_and_values):
@@ -33,7 +36,7 @@ def write_to_cache(cache, start_index, keys_and_values):
     Example:
     >>> cache = write_to_cache(cache, index, ops.stack((key, value), axis=1))
     """
-    if _in_place["active"] and keras.backend.backend() == "torch":
+    if getattr(_in_place, "active", False) and keras.backend.backend() == "torch":
         # narrow() takes the start as a tensor, so the traced step keeps it a runtime value.
         # It reads that start on the host: on a GPU, a sync that CUDA graph capture refuses
         # (index_copy_ with a device index would not).
