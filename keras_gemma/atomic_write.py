@@ -6,17 +6,18 @@ directory or a file.
 
 What a killed writer can leave, and what the next call does with it (POSIX):
 - `.NAME.partial-XXXX` beside NAME: the temporary sibling directory it was filling (a file
-  is staged inside one, under its own name). Removed by the next
-  write of NAME (or `recover_interrupted_write(NAME)`).
+  is staged inside one, under its own name). Removed by the next write of NAME (or by
+  `recover_interrupted_write(NAME)`).
 - `.NAME.old-XXXX` and no NAME: it was killed between its two renames (the old directory
-  stepped aside, the new one not yet in). The next write or `recover_interrupted_write`
-  puts the old directory back first, so the earlier state is never lost.
+  stepped aside, the new one not yet in). The next write, or a reader through
+  `recover_interrupted_write`, puts the old directory back first (with a one-line warning),
+  so the earlier state is never lost.
 - `.NAME.old-XXXX` beside NAME: killed while deleting the replaced directory; removed.
 A writer still running holds an flock on each sibling it owns, and the lock dies with its
 process (SIGKILL included), so a sibling whose lock can be taken belongs to a dead writer and
 a live writer's siblings are never touched. (A kill in the microseconds between creating a
-sibling and locking it leaves an empty `.NAME.new-XXXX`, removed once a minute old.) Where there is no `fcntl` (Windows) nothing is
-cleaned: the leftovers are only ignored.
+sibling and locking it leaves an empty `.NAME.new-XXXX`, removed once a minute old.) Where
+there is no `fcntl` (Windows) nothing is cleaned or put back: the leftovers are ignored.
 """
 
 import contextlib
@@ -132,7 +133,7 @@ def _remove(path):
 
 def _recover(path):
     """Cleans the siblings dead writers left beside `path`; puts back a directory that a
-    killed writer had stepped aside. Call with the parent's lock held. Returns what it did."""
+    killed writer had stepped aside. Returns what it did, as sentences."""
     if fcntl is None:
         return []
     parent, base = os.path.split(path)

@@ -94,15 +94,19 @@ def _event(kind, path=""):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-class _CountedFile:
-    """A file opened for writing whose every `write` is an event."""
+class WrappedFile:
+    """A file whose `write(data)` is `write(file, data)`: counted here, filled up in a test.
 
-    def __init__(self, file, path):
-        self._file, self._path = file, path
+    Example:
+    >>> WrappedFile(open("x", "wb"), lambda file, data: file.write(data[:1])).write(b"ab")
+    1
+    """
+
+    def __init__(self, file, write):
+        self._file, self._write = file, write
 
     def write(self, data):
-        _event("write", self._path)
-        return self._file.write(data)
+        return self._write(self._file, data)
 
     def __enter__(self):
         return self
@@ -112,6 +116,14 @@ class _CountedFile:
 
     def __getattr__(self, name):
         return getattr(self._file, name)
+
+
+def _counted_write(path):
+    def write(file, data):
+        _event("write", path)
+        return file.write(data)
+
+    return write
 
 
 def _patched(function, kind, counted_argument=0):
@@ -128,7 +140,7 @@ def _count_events():
     def counted_open(file, mode="r", *args, **kwargs):
         if isinstance(file, (str, bytes, os.PathLike)) and any(c in mode for c in "wax+"):
             _event("open", file)
-            return _CountedFile(real_open(file, mode, *args, **kwargs), file)
+            return WrappedFile(real_open(file, mode, *args, **kwargs), _counted_write(file))
         return real_open(file, mode, *args, **kwargs)
 
     builtins.open = counted_open

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from conftest import BACKEND, to_numpy
-from crash_child import CrashServer, keras_job, plain_content
+from crash_child import CrashServer, WrappedFile, keras_job, plain_content
 
 from keras_gemma.atomic_write import atomic_directory, recover_interrupted_write
 
@@ -90,37 +90,22 @@ def kill_points(events, base, most):
             if k is not None][:most]
 
 
-class _FullDisk:
-    """A file that takes `room` bytes and then fails as a full disk does."""
-
-    def __init__(self, file, room):
-        self._file, self._room = file, room
-
-    def write(self, data):
-        if len(data) > self._room[0]:
-            self._file.write(data[: self._room[0]])
-            self._room[0] = 0
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        self._room[0] -= len(data)
-        return self._file.write(data)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self._file.close()
-
-    def __getattr__(self, name):
-        return getattr(self._file, name)
-
-
 def fill_disk(monkeypatch, module, room=200):
-    """Files that `module` opens for writing hold `room` bytes between them, then ENOSPC."""
+    """Files that `module` opens for writing hold `room` bytes between them, then fail as a
+    full disk does (ENOSPC) in the middle of a write."""
     left = [room]
+
+    def write(file, data):
+        if len(data) > left[0]:
+            file.write(data[: left[0]])
+            left[0] = 0
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        left[0] -= len(data)
+        return file.write(data)
 
     def opening(file, mode="r", *args, **kwargs):
         opened = builtins.open(file, mode, *args, **kwargs)
-        return _FullDisk(opened, left) if any(c in mode for c in "wax+") else opened
+        return WrappedFile(opened, write) if any(c in mode for c in "wax+") else opened
 
     monkeypatch.setattr(module, "open", opening, raising=False)
 

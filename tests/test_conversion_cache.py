@@ -69,3 +69,51 @@ def test_exclusive_lets_one_converter_in_at_a_time(tmp_path):
     for thread in threads:
         thread.join(10)
     assert order == ["first in", "first out", "second in"]
+
+
+def test_a_damaged_cache_entry_is_rebuilt_with_a_notice(sentencepiece_proto, tmp_path,
+                                                        monkeypatch):
+    """An entry whose files do not match its completion marker (cut short, altered) is never
+    used: it is converted again, with a one-line warning."""
+    import warnings
+
+    import export_models
+    from keras_gemma.checkpoints import gguf
+    from keras_gemma.checkpoints.conversion_cache import entry_problem
+    from keras_gemma.export.gguf_export import export_to_gguf
+
+    monkeypatch.setenv("KERAS_GEMMA_CACHE", str(tmp_path / "cache"))
+    source = str(tmp_path / "tiny.gguf")
+    export_to_gguf(export_models.causal_lm("gemma", sentencepiece_proto), source, dtype="f16")
+    entry = gguf.convert(source)
+    intact = {name: open(os.path.join(entry, name), "rb").read() for name in os.listdir(entry)}
+
+    def cut(name):
+        with open(os.path.join(entry, name), "r+b") as file:
+            file.truncate(len(intact[name]) // 2)
+
+    def alter(name):
+        data = bytearray(intact[name])
+        data[len(data) // 2] ^= 1
+        open(os.path.join(entry, name), "wb").write(bytes(data))
+
+    # Cut short: found by its size, converted again with a notice. (An entry without its
+    # marker, as a kill leaves it: tests/test_atomic_write.py.)
+    cut("model.safetensors")
+    assert "bytes" in entry_problem(entry, gguf.CONVERTER_VERSION)
+    with warnings.catch_warnings(record=True) as notices:
+        warnings.simplefilter("always")
+        assert gguf.convert(source) == entry
+    [notice] = [str(w.message) for w in notices if "cached conversion" in str(w.message)]
+    assert "unusable" in notice and "model.safetensors has" in notice
+    assert "converting it again" in notice
+    assert entry_problem(entry, gguf.CONVERTER_VERSION) is None
+    assert open(os.path.join(entry, "model.safetensors"), "rb").read() == intact[
+        "model.safetensors"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an intact entry: no notice, no conversion
+        assert gguf.convert(source) == entry
+    # Altered but the same size: found by its checksum (the same rebuild follows).
+    alter("tokenizer.model")
+    assert "tokenizer.model does not match its recorded sha256" in entry_problem(
+        entry, gguf.CONVERTER_VERSION)
