@@ -34,10 +34,13 @@ int8 (`--preflight-dtypes` picks others, e.g. int4). The estimate is of what the
 the process, so it is compared with the peak less what the process held before the load.
 Measured (JAX, gemma_2b_en shape, a 2-core machine shared with other jobs, one run each):
 
-    dtype      estimate GB   peak - before GB   ratio
-    float32       12.87          12.71           1.01
-    bfloat16       6.81           6.73           1.01
-    int8           4.58           4.51           1.02
+    dtype      estimate GB   peak - before GB   ratio   (before: 0.25 GB)
+    float32       13.50          12.49           1.08
+    bfloat16       7.13           7.36           0.97
+    int8           4.58           4.47           1.02
+
+The peaks vary from run to run (bfloat16: 6.73 and 7.36 GB in two runs, float32 12.47-12.71),
+which is why the estimate holds 1.3 copies of the largest tensor where one is seen at best.
 
 Usage: python benchmarks/load_memory.py [--dir /tmp/gemma_2b_bf16] [--backend jax]
        [--shape 2b|tiny] [--distributed] [--only-distributed] [--int8] [--only-int8]

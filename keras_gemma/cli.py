@@ -137,7 +137,7 @@ def _generate(args):
         return 1
     try:
         lm = model_class.from_preset(args.preset, dtype=args.dtype, quantize=args.quantize)
-    except (ValueError, TypeError, OSError, ImportError, RuntimeError) as error:
+    except (ValueError, TypeError, OSError, ImportError, RuntimeError, MemoryError) as error:
         status.clear()
         print(f"keras-gemma: error: {error}", file=sys.stderr)
         return 1
@@ -177,7 +177,7 @@ def _export(args):
         path = keras_gemma.export_saved_model(
             lm, args.out_dir, max_length=args.max_length, sampler=args.sampler
         )
-    except (ValueError, TypeError, OSError, ImportError, RuntimeError) as error:
+    except (ValueError, TypeError, OSError, ImportError, RuntimeError, MemoryError) as error:
         status.clear()
         print(f"keras-gemma: error: {error}", file=sys.stderr)
         return 1

@@ -87,7 +87,7 @@ def run_bench(args, stdout=None, stderr=None):
         load_seconds = time.perf_counter() - started
         status.show(f"keras-gemma: measuring {args.preset} ...")
         figures = measure(lm, args.batch_size, args.prompt_length, args.new_tokens, args.repeats)
-    except (ValueError, TypeError, OSError, ImportError, RuntimeError) as error:
+    except (ValueError, TypeError, OSError, ImportError, RuntimeError, MemoryError) as error:
         status.clear()
         print(f"keras-gemma: error: {error}", file=stderr)
         return 1

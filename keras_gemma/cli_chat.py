@@ -63,7 +63,7 @@ def run_chat(args, stdin=None, stdout=None, stderr=None):
         session = keras_gemma.ChatSession(
             lm, system=args.system, max_new_tokens=args.max_new_tokens
         )
-    except (ValueError, TypeError, OSError, ImportError, RuntimeError) as error:
+    except (ValueError, TypeError, OSError, ImportError, RuntimeError, MemoryError) as error:
         status.clear()
         print(f"keras-gemma: error: {error}", file=stderr)
         return 1

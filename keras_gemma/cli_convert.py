@@ -123,7 +123,7 @@ def run(args):
 
             path = export_to_gguf(lm, args.dst, dtype=dtype or "f16", name=_model_name(args.src),
                                   progress=progress.tensors)
-    except (ValueError, TypeError, OSError, ImportError, RuntimeError) as error:
+    except (ValueError, TypeError, OSError, ImportError, RuntimeError, MemoryError) as error:
         print(f"keras-gemma: error: {error}", file=sys.stderr)
         return 1
     progress(f"wrote {path}", final=True)

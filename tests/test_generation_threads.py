@@ -5,11 +5,10 @@ import threading
 
 import numpy as np
 import pytest
+import test_generation
 from conftest import BACKEND, to_numpy
-from test_causal_lm import _tiny_lm
 
-from keras_gemma.preprocessor import GemmaCausalLMPreprocessor
-from keras_gemma.tokenizer import GemmaTokenizer
+text_lm = test_generation.text_lm  # the same fixture: a fresh tiny model for this module
 
 # Mixed requests: one prompt or a batch, several prompt lengths and max_lengths, streams.
 # One width bucket (16) and batches of 1 and 2 keep the compiled programs few.
@@ -25,14 +24,6 @@ REQUESTS = [
 ]
 THREADS = 4
 REQUESTS_PER_THREAD = 5
-
-
-@pytest.fixture(scope="module")
-def text_lm(sentencepiece_proto):
-    tokenizer = GemmaTokenizer(proto=sentencepiece_proto)
-    preprocessor = GemmaCausalLMPreprocessor(tokenizer, sequence_length=16)
-    lm = _tiny_lm(vocabulary_size=tokenizer.vocabulary_size())
-    return type(lm)(lm.backbone, preprocessor)
 
 
 def _run(lm, request):

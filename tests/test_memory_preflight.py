@@ -201,8 +201,8 @@ def test_the_estimate_is_sane_on_a_tiny_model_and_orders_the_ways_out():
     assert float32.weights == 4 * GemmaBackbone.parameter_count(config)
     assert 4 * largest <= float32.working_set - memory_preflight.RUNTIME_BYTES <= 8 * largest
     # The 2B shape: the figures measured by benchmarks/load_memory.py, within 15%.
-    measured = {("float32", None): 12.71e9, ("bfloat16", None): 6.73e9,
-                ("bfloat16", "int8"): 4.51e9}
+    measured = {("float32", None): 12.49e9, ("bfloat16", None): 7.36e9,
+                ("bfloat16", "int8"): 4.47e9}
     for (dtype, mode), peak in measured.items():
         assert 0.85 < load_estimate(GEMMA_2B, dtype, quantize=mode).total / peak < 1.15
     estimates = [load_estimate(GEMMA_2B, *case).total for case in

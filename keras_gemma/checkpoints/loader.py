@@ -261,11 +261,12 @@ def build_backbone(cls, handle, dtype=None, with_weights=True, quantize=None, ch
 
     `quantize` ("int8" or "int4") builds the quantized layers with their int8/int4 variables
     and quantizes each float weight as it is read (see quantized_loading.py). Before anything
-    is converted or built, the memory the load needs is compared with what the process may
-    take (memory_preflight.py); `check_memory=False` skips that.
+    is converted or built (also without weights: random ones take as much room), the memory
+    the load needs is compared with what the process may take (memory_preflight.py);
+    `check_memory=False` skips that.
     """
     resolved = resolve(handle)
-    if with_weights and not memory_preflight.skip_requested(check_memory):
+    if not memory_preflight.skip_requested(check_memory):
         _check_memory(handle, resolved, dtype, quantize)
     resolved, arguments = backbone_config(resolved, dtype=dtype, convert=with_weights)
     if quantize is not None:

@@ -93,42 +93,40 @@ def _directories(mount, path):
     return directories
 
 
-def _cgroup_v2(root, path):
+def _headrooms(directories, files, label):
+    """The headroom of each cgroup directory that has a limit; `files` names its limit file,
+    its usage file and the reclaimable page cache's key in memory.stat."""
+    limit_file, usage_file, inactive_key = files
     headrooms = []
+    for directory in directories:
+        limit = _read_int(os.path.join(directory, limit_file))
+        used = _read_int(os.path.join(directory, usage_file))
+        if limit is None or used is None or limit >= _NO_LIMIT:
+            continue
+        used = max(0, used - _stat(os.path.join(directory, "memory.stat"), inactive_key))
+        headrooms.append(Headroom(
+            max(0, limit - used),
+            f"{label} limit {os.path.join(directory, limit_file)} = {limit / 1e9:.1f} GB, "
+            f"{used / 1e9:.1f} GB of it in use",
+        ))
+    return headrooms
+
+
+def _cgroup_v2(root, path):
     for mount in ("sys/fs/cgroup", "sys/fs/cgroup/unified"):
         mount = os.path.join(root, mount)
-        if not os.path.exists(os.path.join(mount, "cgroup.controllers")):
-            continue
-        for directory in _directories(mount, path):
-            limit = _read_int(os.path.join(directory, "memory.max"))
-            used = _read_int(os.path.join(directory, "memory.current"))
-            if limit is None or used is None or limit >= _NO_LIMIT:
-                continue
-            used -= _stat(os.path.join(directory, "memory.stat"), "inactive_file")
-            headrooms.append(Headroom(
-                max(0, limit - max(0, used)),
-                f"cgroup v2 limit {os.path.join(directory, 'memory.max')} = "
-                f"{limit / 1e9:.1f} GB, {max(0, used) / 1e9:.1f} GB of it in use",
-            ))
-        break
-    return headrooms
+        if os.path.exists(os.path.join(mount, "cgroup.controllers")):
+            files = ("memory.max", "memory.current", "inactive_file")
+            return _headrooms(_directories(mount, path), files, "cgroup v2")
+    return []
 
 
 def _cgroup_v1(root, path):
-    headrooms = []
     mount = os.path.join(root, "sys/fs/cgroup/memory")
-    for directory in _directories(mount, path) if os.path.isdir(mount) else []:
-        limit = _read_int(os.path.join(directory, "memory.limit_in_bytes"))
-        used = _read_int(os.path.join(directory, "memory.usage_in_bytes"))
-        if limit is None or used is None or limit >= _NO_LIMIT:
-            continue
-        used -= _stat(os.path.join(directory, "memory.stat"), "total_inactive_file")
-        headrooms.append(Headroom(
-            max(0, limit - max(0, used)),
-            f"cgroup v1 limit {os.path.join(directory, 'memory.limit_in_bytes')} = "
-            f"{limit / 1e9:.1f} GB, {max(0, used) / 1e9:.1f} GB of it in use",
-        ))
-    return headrooms
+    if not os.path.isdir(mount):
+        return []
+    files = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+    return _headrooms(_directories(mount, path), files, "cgroup v1")
 
 
 def _meminfo(root):

@@ -8,21 +8,28 @@ where the limit comes from and the ways out.
 
 The estimate is the model's weights in the dtype they will have, plus the loader's working
 set: what it holds beyond the weights while loading. Measured with benchmarks/load_memory.py
-on the gemma_2b_en shape (JAX, a 2-core machine; peak RSS of a fresh process that had
-imported keras_gemma, 0.25 GB):
+--preflight on the gemma_2b_en shape (JAX, a 2-core machine shared with other jobs; what the
+load adds to a fresh process that had imported keras_gemma, 0.25 GB; three runs each):
 
-    keras_gemma preset, bfloat16:  5.01 GB of weights, peak 6.98 GB
-    keras_gemma preset, float32:  10.02 GB of weights, peak 12.96 GB
+    keras_gemma preset    weights    peak - before           estimate
+    float32               10.02 GB   12.47 / 12.49 / 12.71   13.50 GB  (1.06-1.08)
+    bfloat16               5.01 GB    6.73 /  7.36 /  7.36    7.13 GB  (0.97-1.06)
+    int8 (quantized while  2.51 GB    4.47 /  4.51 /  4.52    4.58 GB  (1.01-1.02)
+      loading bfloat16)
+    KerasHub preset, bfloat16  5.01 GB   7.40                 7.86 GB  (1.06)
 
-Beyond the weights a load holds one more copy of the tensor being assigned (the largest is
-the embedding: 1.05 GB in bfloat16, 2.1 GB in float32: the array read from the file while the
-backend makes its own copy) and ~0.75 GB that the backend's runtime takes when it first runs
-(`RUNTIME_BYTES`). The other checkpoint kinds hold more per tensor (`_COPIES_PER_KIND`): a
-KerasHub h5 file or a transformers checkpoint is read into one array and transposed into
-another; a GGUF file is first converted once into a float32 keras_gemma preset in the cache,
-which holds the whole model in float32 twice (the model, then the arrays it is saved from).
-Quantizing while loading (`quantize="int8"/"int4"`) holds the int8/int4 weights, one layer in
-float32 and the quantized copy of the embedding as it is assembled.
+Beyond the weights a load holds about one more copy of the tensor being assigned (the largest
+is the embedding: 1.05 GB in bfloat16, 2.1 GB in float32: the array read from the file while
+the backend makes its own copy; the peaks vary by ~0.6 GB from run to run, so 1.3 copies are
+counted) and ~0.75 GB that the backend's runtime takes when it first runs (`RUNTIME_BYTES`).
+The other checkpoint kinds hold more per tensor (`_COPIES_PER_KIND`): a KerasHub h5 file or a
+transformers checkpoint is read into one array and transposed into another (measured for
+KerasHub; transformers is read the same way, not measured at this size). A GGUF file is first
+converted once into a float32 keras_gemma preset in the cache, which holds the whole model in
+float32 twice (the model, then the arrays it is saved from: read off gguf.py and
+preset_format.py, not measured). Quantizing while loading (`quantize="int8"/"int4"`) holds
+the quantized weights, one kernel in float32 with its quantized copy, and about one float
+copy of the embedding (its file pages and its quantized table as it is assembled).
 
 Skip the check with `check_memory=False` (`from_preset`, `quantize`) or by setting the
 environment variable KERAS_GEMMA_SKIP_MEMORY_CHECK=1, for users who know better (swap, a
@@ -40,8 +47,7 @@ SKIP_VARIABLE = "KERAS_GEMMA_SKIP_MEMORY_CHECK"
 # What the backend's runtime takes when a model is first built and assigned (XLA's client,
 # thread pools, allocator arenas); measured above with JAX.
 RUNTIME_BYTES = int(0.75e9)
-# Copies of the largest tensor that a loader holds beside the model's weights (measured:
-# keras_gemma's peak varies by ~0.6 GB from run to run around one copy, hence 1.3).
+# Copies of the largest tensor that a loader holds beside the model's weights (see above).
 _COPIES_PER_KIND = {"keras_gemma": 1.3, "keras_hub": 2, "transformers": 2, "gguf": 1.3}
 _FLOAT_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
 GB = 1e9
@@ -142,8 +148,8 @@ def load_estimate(config, dtype, kind="keras_gemma", quantize=None, file_bytes=0
     `file_bytes` the checkpoint's size (a GGUF file's pages are read while it is converted).
 
     Example:
-    >>> load_estimate(GEMMA_2B, "bfloat16").total / 1e9
-    6.81
+    >>> round(load_estimate(GEMMA_2B, "bfloat16").total / 1e9, 2)
+    7.13
     """
     largest = _largest(config)
     weights = weight_bytes(config, dtype, quantize)
