@@ -38,6 +38,7 @@ Measured (JAX, gemma_2b_en shape, a 2-core machine shared with other jobs, one r
     float32       13.50          12.49           1.08
     bfloat16       7.13           7.36           0.97
     int8           4.58           4.47           1.02
+    int4           4.04           4.11           0.98   (--preflight-dtypes int4)
 
 The peaks vary from run to run (bfloat16: 6.73 and 7.36 GB in two runs, float32 12.47-12.71),
 which is why the estimate holds 1.3 copies of the largest tensor where one is seen at best.

@@ -63,8 +63,11 @@ def export(preset, max_length, directory):
 
 
 def load_test(path, clients, count, max_length):
+    import importlib
+
     import tensorflow as tf
-    import tensorflow_text  # noqa: F401  (registers the SentencePiece ops)
+
+    importlib.import_module("tensorflow_text")  # registers the SentencePiece ops
 
     generate = tf.saved_model.load(path).signatures["generate_with_length"]
 
