@@ -124,7 +124,7 @@ def load_test(path, clients, count, max_length):
     print(f"errors {len(state['errors'])}, answers differing from the same request's first "
           f"{state['mismatches']}")
     print(f"resident memory after warm-up {before / 1e6:.0f} MB, at the end {after / 1e6:.0f} MB"
-          f" (+{(after - before) / 1e6:.0f} MB), largest in between {state['peak'] / 1e6:.0f} MB")
+          f" ({(after - before) / 1e6:+.0f} MB), largest in between {state['peak'] / 1e6:.0f} MB")
     for error in state["errors"][:3]:
         print("  error:", error)
     return not state["errors"] and not state["mismatches"]
