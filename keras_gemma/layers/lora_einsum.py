@@ -78,7 +78,12 @@ class GemmaEinsumDense(keras.layers.EinsumDense):
     (1, 3, 8)
     """
 
+    # A callable given each call's inputs (GPTQ calibration, gptq_quantization.py).
+    _input_observer = None
+
     def call(self, inputs, training=None):
+        if self._input_observer is not None:
+            self._input_observer(inputs)
         # Training a 16-bit model under XLA on a CPU: a product that does not hold a float32
         # copy of every weight at once (see sixteen_bit_product.py). Inference keeps Keras'
         # call: generation's own paths already bound its memory, and its tokens must not
