@@ -12,6 +12,12 @@ from keras_gemma import GemmaCausalLM
 from keras_gemma.layers import gptq
 
 
+@pytest.fixture(scope="module")
+def float_lm(tiny_preset):
+    """One float model for the tests that must leave it unchanged."""
+    return GemmaCausalLM.from_preset(tiny_preset)
+
+
 def _calibration_text():
     rng = np.random.default_rng(0)
     words = ["the", "a", "model", "reads", "text", "and", "writes", "tokens", "of", "it"]
@@ -49,7 +55,6 @@ def test_layers_get_the_documented_formats(tiny_preset):
     query = lm.backbone.transformer_layers[0].attention.query_dense
     assert query._int4_block_size == 8
     assert query._input_observer is None  # calibration's observers are gone
-    assert len(lm.generate("the model", max_length=12)) > 0
 
 
 def test_calibration_beats_plain_rounding_on_calibration_text(tiny_preset, monkeypatch):
@@ -108,14 +113,16 @@ def test_token_id_dataset_and_filters(tiny_preset):
         (dict(dataset=[np.array([1, 2, 5000])], tokenizer=None), "outside this model's vocab"),
     ],
 )
-def test_bad_configs_are_refused(tiny_preset, overrides, message):
-    lm = GemmaCausalLM.from_preset(tiny_preset)
+def test_bad_configs_are_refused(float_lm, overrides, message):
     with pytest.raises(ValueError, match=message):
-        lm.quantize("gptq", config=_config(lm, **overrides))
+        float_lm.quantize("gptq", config=_config(float_lm, **overrides))
+    # Refused before any layer changed.
+    assert not any(getattr(layer, "quantization_mode", None)
+                   for layer in float_lm.backbone._flatten_layers())
 
 
-def test_gptq_without_config_and_awq_are_refused(tiny_preset):
-    lm = GemmaCausalLM.from_preset(tiny_preset)
+def test_gptq_without_config_and_awq_are_refused(float_lm):
+    lm = float_lm
     with pytest.raises(ValueError, match="GPTQConfig"):  # Keras' own check
         lm.quantize("gptq")
     with pytest.raises(ValueError, match="does not implement quantize\\('awq'\\)"):

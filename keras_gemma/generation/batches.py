@@ -16,10 +16,15 @@ def as_token_batch(inputs, max_length):
     padding_mask = np.asarray(ops.convert_to_numpy(inputs["padding_mask"])).astype(bool)
     if token_ids.ndim == 1:
         token_ids, padding_mask = token_ids[None], padding_mask[None]
+    if token_ids.shape != padding_mask.shape and padding_mask.ndim == token_ids.ndim:
+        try:  # one mask row for every prompt row, as numpy broadcasts it
+            padding_mask = np.broadcast_to(padding_mask, token_ids.shape)
+        except ValueError:
+            pass
     if token_ids.shape != padding_mask.shape:
         raise ValueError(
             f"generate(): token_ids has shape {token_ids.shape} and padding_mask "
-            f"{padding_mask.shape}; they must be the same (the mask marks each row's prompt)."
+            f"{padding_mask.shape}; they must be the same (or the mask one row for all; it marks each row's prompt)."
         )
     if max_length is not None and max_length != token_ids.shape[1]:
         width = token_ids.shape[1]
