@@ -24,23 +24,25 @@ demo: install
 # One pytest process keeps about one core busy (JAX's suite: 830 s of CPU in 782 s), so two
 # run side by side on a 2-core machine (test_samplers.py on JAX and TensorFlow: 68 s one
 # after the other, 41 s side by side); each one's output is printed when it ends.
-# TensorFlow's and torch's suites run in two halves each, so that the shorter jobs fill
-# whichever core frees first: the longest single job (JAX) then sets the time, not TensorFlow
-# followed by the whole of torch on one core (session 8, loaded machine: TensorFlow 1,863 s
-# of tests in one process, split here ~800 / ~1,050).
+# Each backend's suite runs in two halves, so that the shorter jobs fill whichever core frees
+# first (session 8, quiet machine: JAX's suite alone ran ~1,450 s in one process and set the
+# time; TensorFlow's halves 488 s and 711 s).
 # TEST_JOBS=1 runs them one after another.
 TEST_JOBS ?= 2
-.PHONY: test-tensorflow-1 test-tensorflow-2 test-torch-1 test-torch-2
+.PHONY: test-jax-1 test-jax-2 test-tensorflow-1 test-tensorflow-2 test-torch-1 test-torch-2
 test: install-dev
-	$(MAKE) -k -j$(TEST_JOBS) --output-sync=target test-jax test-tensorflow-1 \
+	$(MAKE) -k -j$(TEST_JOBS) --output-sync=target test-jax-1 test-jax-2 test-tensorflow-1 \
 		test-tensorflow-2 test-torch-1 test-torch-2 test-distribution
 
 PYTEST = $(PYTHON) -m pytest -q -p no:cacheprovider
 FIRST_HALF = $(sort $(wildcard tests/test_[a-f]*.py tests/test_ge*.py))
 SECOND_HALF = $(filter-out $(FIRST_HALF),$(sort $(wildcard tests/test_*.py)))
 
-test-jax:
-	KERAS_BACKEND=jax $(PYTEST) tests
+test-jax: test-jax-1 test-jax-2
+test-jax-1:
+	KERAS_BACKEND=jax $(PYTEST) $(FIRST_HALF)
+test-jax-2:
+	KERAS_BACKEND=jax $(PYTEST) $(SECOND_HALF)
 
 test-tensorflow: test-tensorflow-1 test-tensorflow-2
 test-tensorflow-1:

@@ -124,6 +124,7 @@ class _HessianObserver:
         self.input_axes = [inputs.index(axis) for axis in contracted]
         self.sum = 0.0
         self.count = 0
+        self.length = None  # tokens of the current row that are not padding
 
     def input_size(self, layer):
         """The number of inputs each output of `layer` sums over."""
@@ -135,6 +136,7 @@ class _HessianObserver:
 
     def __call__(self, inputs):
         x = np.asarray(ops.convert_to_numpy(ops.cast(inputs, "float32")), np.float64)
+        x = x[:, :self.length]  # [batch, tokens, ...]: the padding at the end is not data
         kept = [axis for axis in range(x.ndim) if axis not in self.input_axes]
         x = np.transpose(x, kept + self.input_axes)
         x = x.reshape(-1, int(np.prod([x.shape[-1 - i] for i in range(len(self.input_axes))])))
@@ -202,9 +204,15 @@ def quantize_with_gptq(backbone, config, filters=None):
         for name in set(_INT4_LAYERS.values()) & layers.keys():
             observers[index, name] = layers[name]._input_observer = _HessianObserver(layers[name])
     try:
+        # Every row padded to one width: eager backends (JAX's above all) compile each op once
+        # per shape, and padding at the end changes nothing before it (causal attention).
+        width = max(len(row) for row in rows)
         for row in rows:
-            ids = row[None]
-            backbone({"token_ids": ids, "padding_mask": np.ones_like(ids)})
+            ids = np.zeros((1, width), "int32")
+            ids[0, :len(row)] = row
+            for observer in observers.values():
+                observer.length = len(row)
+            backbone({"token_ids": ids, "padding_mask": np.arange(width)[None] < len(row)})
     finally:
         for index, name in observers:
             blocks[index][name]._input_observer = None
