@@ -122,24 +122,19 @@ class _HessianObserver:
         inputs, kernel = lhs.split(",")
         contracted = [axis for axis in kernel if axis in inputs and axis not in output]
         self.input_axes = [inputs.index(axis) for axis in contracted]
+        # The number of inputs each output sums over: the rows of the Hessian.
+        self.input_size = int(np.prod([layer._kernel.shape[kernel.index(axis)]
+                                       for axis in contracted]))
         self.sum = 0.0
         self.count = 0
         self.length = None  # tokens of the current row that are not padding
-
-    def input_size(self, layer):
-        """The number of inputs each output of `layer` sums over."""
-        lhs = layer.equation.split("->")[0]
-        kernel_axes = lhs.split(",")[1]
-        inputs = lhs.split(",")[0]
-        contracted = [inputs[axis] for axis in self.input_axes]
-        return int(np.prod([layer._kernel.shape[kernel_axes.index(axis)] for axis in contracted]))
 
     def __call__(self, inputs):
         x = np.asarray(ops.convert_to_numpy(ops.cast(inputs, "float32")), np.float64)
         x = x[:, :self.length]  # [batch, tokens, ...]: the padding at the end is not data
         kept = [axis for axis in range(x.ndim) if axis not in self.input_axes]
         x = np.transpose(x, kept + self.input_axes)
-        x = x.reshape(-1, int(np.prod([x.shape[-1 - i] for i in range(len(self.input_axes))])))
+        x = x.reshape(-1, self.input_size)
         self.sum = self.sum + x.T @ x
         self.count += x.shape[0]
 
@@ -191,7 +186,7 @@ def quantize_with_gptq(backbone, config, filters=None):
                     f"{layer.quantization_mode}; load the float weights again and quantize once."
                 )
         for name in _INT4_LAYERS.keys() & layers.keys():
-            inputs = _HessianObserver(layers[name]).input_size(layers[name])
+            inputs = _HessianObserver(layers[name]).input_size
             if inputs % config.group_size:
                 raise ValueError(
                     f"GPTQConfig(group_size={config.group_size}): groups of "
