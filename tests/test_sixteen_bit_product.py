@@ -148,7 +148,12 @@ def test_tied_logits_in_blocks_equal_a_float32_reference_and_its_gradient(soft_c
         )
 
 
-def test_tied_logits_do_not_hold_the_whole_table_in_float32():
+@pytest.mark.parametrize("table_dtype", ["bfloat16", "int8"])
+def test_tied_logits_hold_one_block_of_the_table_in_float32(table_dtype):
+    """The gradient of the tied logits, in blocks of 1/8 of the table: XLA's temporaries hold
+    about one float32 block (measured 0.14 of the table), not the whole table (x @ w.T), nor
+    two blocks (0.27: the backward pass's first block, anchored on nothing, was converted
+    before the forward pass and held through it)."""
     if BACKEND != "jax":
         pytest.skip("the float32 copies are XLA-on-CPU's (JAX); TF and torch read bfloat16")
     import jax
@@ -157,25 +162,31 @@ def test_tied_logits_do_not_hold_the_whole_table_in_float32():
     if jax.default_backend() != "cpu":
         pytest.skip("on GPUs and TPUs XLA multiplies bfloat16 directly")
     vocabulary, width = 8192, 256
-    table = jnp.full((vocabulary, width), 0.01, jnp.bfloat16)
-    hidden = jnp.ones((4, width), jnp.bfloat16)
+    int8 = table_dtype == "int8"
+    table = jnp.full((vocabulary, width), 1 if int8 else 0.01, table_dtype)
+    row_scale = jnp.full((vocabulary,), 100.0, jnp.float32)
+    dtype = jnp.float32 if int8 else jnp.bfloat16
+    hidden = jnp.ones((4, width), dtype)
     factor = jnp.full((width, width), 0.01, jnp.float32)
+    float32_table = vocabulary * width * 4
+
+    def blocks(x, w):
+        if int8:
+            return sixteen_bit_product.int8_logits(x, w, row_scale, float32_table // 8)
+        return sixteen_bit_product.sixteen_bit_logits(x, w, chunk_bytes=float32_table // 8)
 
     def temporaries(logits_of):
         def loss(factor):
-            x = (hidden.astype(jnp.float32) @ factor).astype(jnp.bfloat16)
+            x = (hidden.astype(jnp.float32) @ factor).astype(dtype)
             return jnp.sum(logits_of(x, table).astype(jnp.float32) ** 2)
         return jax.jit(jax.grad(loss)).lower(factor).compile().memory_analysis().temp_size_in_bytes
 
-    float32_table = vocabulary * width * 4
-    plain = temporaries(lambda x, w: x @ w.T)
-    ours = temporaries(
-        lambda x, w: sixteen_bit_product.sixteen_bit_logits(x, w, chunk_bytes=float32_table // 8)
-    )
+    plain = temporaries(lambda x, w: x @ (w.astype(dtype) / (row_scale[:, None] if int8 else 1)).T)
+    ours = temporaries(blocks)
     print(f"XLA temporaries: x @ w.T {plain / 1e6:.1f} MB, in blocks {ours / 1e6:.1f} MB "
           f"(float32 table {float32_table / 1e6:.1f} MB)")
     assert plain >= float32_table
-    assert ours < 0.4 * float32_table
+    assert ours < 0.2 * float32_table
 
 
 def _int8_values(shape, seed):

@@ -11,6 +11,7 @@ from keras import ops
 
 from keras_gemma.layers.decode_matmul import decode_matmul
 from keras_gemma.layers.decode_matmul import is_decode_step
+from keras_gemma.layers.gated_gelu import gated_gelu
 from keras_gemma.layers.initialization import initializer
 from keras_gemma.layers.lora_einsum import GemmaEinsumDense
 
@@ -57,8 +58,9 @@ def gated_feed_forward(gating, gating_2, linear, inputs):
     fastest form per backend and dtype; LoRA is included because `dense.kernel` merges it.
     """
     if not is_decode_step(gating, inputs):
-        gate = keras.activations.gelu(gating(inputs), approximate=True)
-        return linear(gate * gating_2(inputs))
+        # gated_gelu: a training step keeps only the two projections for backward.
+        gate = gating(inputs)
+        return linear(gated_gelu(gate, gating_2(inputs)))
     rows = ops.reshape(inputs, (inputs.shape[0], inputs.shape[2]))
 
     def project(dense, values):
