@@ -57,3 +57,53 @@ def test_off_the_cpu_the_plain_product_is_used(monkeypatch):
 
     np.testing.assert_array_equal(as_numpy(plain), as_numpy(expected))
     np.testing.assert_allclose(as_numpy(plain), as_numpy(on_cpu), atol=0.25, rtol=0.02)
+
+
+def _column_major(variable):
+    """Whether a kernel [outputs..., inputs] holds its last (input) axis outermost in memory."""
+    value = variable.value
+    order = (value.ndim - 1,) + tuple(range(value.ndim - 1))
+    return value.permute(*order).is_contiguous() and not value.is_contiguous()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "mixed_bfloat16"])
+def test_torch_lays_out_wide_float32_kernels_column_major(dtype, tmp_path):
+    """On torch, float32 kernels with more outputs than inputs (the tied embedding, the
+    query and gating projections here) are stored column-major, built or loaded, and give
+    the same logits; the others, and every 16-bit kernel, stay row-major. Elsewhere the
+    preset round trip alone is checked (in float32, for CI time)."""
+    from conftest import tiny_config
+
+    if keras.backend.backend() != "torch" and dtype != "float32":
+        pytest.skip("the 16-bit cases check torch's memory layout")
+
+    from keras_gemma import GemmaBackbone
+
+    config = tiny_config(head_dim=16, intermediate_dim=128)  # query 64 x 32, gating 64 x 32
+    backbone = GemmaBackbone(**config, dtype=dtype)
+    rng = np.random.default_rng(0)
+    for variable in backbone.weights:
+        variable.assign(rng.normal(0, 0.2, variable.shape).astype("float32"))
+    backbone.save_to_preset(tmp_path / "preset")
+    restored = GemmaBackbone.from_preset(str(tmp_path / "preset"), dtype=dtype)
+    inputs = {"token_ids": np.array([[2, 5, 9, 14]], "int32"),
+              "padding_mask": np.ones((1, 4), "int32")}
+    for model in (backbone, restored):
+        hidden = model(inputs)
+        logits = model.token_embedding(hidden, reverse=True)
+        np.testing.assert_allclose(
+            to_numpy(keras.ops.cast(logits, "float32")),
+            to_numpy(keras.ops.cast(backbone.token_embedding(backbone(inputs), reverse=True),
+                                    "float32")),
+            atol=1e-5,
+        )
+    if keras.backend.backend() != "torch":
+        return
+    wide = ("token_embedding/embeddings", "query/kernel", "ffw_gating/kernel",
+            "ffw_gating_2/kernel")
+    for model in (backbone, restored):
+        kernels = [v for v in model.weights if len(v.shape) >= 2]
+        laid_out = {v.path for v in kernels if _column_major(v)}
+        expected = {v.path for v in kernels if v.path.endswith(wide)} if dtype == "float32" else set()
+        assert laid_out == expected
+        assert all(v.value.is_contiguous() for v in kernels if v.path not in expected)

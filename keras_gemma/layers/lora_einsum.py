@@ -81,6 +81,15 @@ class GemmaEinsumDense(keras.layers.EinsumDense):
     # A callable given each call's inputs (GPTQ calibration, gptq_quantization.py).
     _input_observer = None
 
+    def build(self, input_shape):
+        super().build(input_shape)
+        form = quantized_products.matrix_form(self.equation)
+        if self.quantization_mode is None and form is not None:
+            # Kernels [outputs..., inputs...]: torch's decode product wants some of them
+            # column-major in memory (decode_matmul.lay_out_for_decode).
+            input_axes = len(self._kernel.shape) - form[1]
+            decode_matmul.lay_out_for_decode(self._kernel, input_axes, self.compute_dtype)
+
     def call(self, inputs, training=None):
         if self._input_observer is not None:
             self._input_observer(inputs)

@@ -46,6 +46,13 @@ class GemmaReversibleEmbedding(keras.layers.ReversibleEmbedding):
     (1, 3, 100)
     """
 
+    def build(self, input_shape=None):
+        super().build(input_shape)
+        if self.quantization_mode is None:
+            # The tied logits multiply by the [vocabulary, hidden] table: torch's decode
+            # product wants it column-major in memory (decode_matmul.lay_out_for_decode).
+            decode_matmul.lay_out_for_decode(self._embeddings, 1, self.compute_dtype)
+
     def call(self, inputs, reverse=False, training=None):
         # Training a 16-bit model under XLA on a CPU: tied logits that never hold the whole
         # embedding in float32 (see sixteen_bit_product.py). Keras' call everywhere else.
