@@ -36,6 +36,12 @@ back to the layer's dtype: the product is rounded to bfloat16 (2^-8 relative), w
 int8's own rounding (real 270M int8 perplexity on torch: see quantization_defaults.py).
 Groups of 64 run as fast as groups of 32 (within 5%).
 
+On the same machine without AVX-512 (AVX2 only, 2026-12-01, one thread, machine shared) the
+kernels are compute-bound and the int8 head lost its lead: 270M logits int8 x bf16 55 ms,
+int4/64 x bf16 27 ms, float32 with its table column-major (decode_matmul.lay_out_for_decode)
+31-39 ms, bfloat16 42 ms (int8 x f32 326 ms, int4 x f32 540 ms). An int4 logits head is then
+the one low-bit head faster than float32 (quality: tests/test_real_gemma3_270m_quantized.py).
+
 Used only for inference: on the torch backend, not training, without gradient, weight-only
 (no activation quantizer), and for einsum equations that are a matrix product of the
 inputs' trailing axes with a kernel stored (out, in), as all of keras_gemma's are. Anything
