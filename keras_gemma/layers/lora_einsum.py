@@ -31,6 +31,7 @@ from keras_gemma.layers import int4_kernel
 from keras_gemma.layers import quantization_defaults
 from keras_gemma.layers import quantized_products
 from keras_gemma.layers import sixteen_bit_product
+from keras_gemma.layers import torch_int8_training
 
 _RANK_LETTERS = "rstuvwxyzRSTUVWXYZ"
 
@@ -180,6 +181,13 @@ class GemmaEinsumDense(keras.layers.EinsumDense):
                 # place of the argument its gradient reads, which then fails; the same
                 # product, with the inputs' gradient through the dequantized kernel.
                 scale = self._adjust_scale_for_dequant(ops.convert_to_tensor(self.kernel_scale))
+                if quantized_products.matrix_form(self.equation) is not None:
+                    # Autograd would save the float kernel for backward; this saves the int8
+                    # one (torch_int8_training.py).
+                    return torch_int8_training.int8_einsum(
+                        self.equation, inputs, ops.convert_to_tensor(self._kernel), scale,
+                        self.compute_dtype,
+                    )
                 kernel = ops.divide(ops.cast(self._kernel, self.compute_dtype), scale)
                 return ops.einsum(self.equation, inputs, ops.stop_gradient(kernel))
             return super()._int8_call(inputs, training=training)

@@ -155,7 +155,7 @@ def _int8_product(equation):
     return product
 
 
-def sixteen_bit_logits(hidden, embeddings, chunk_bytes=2**28):
+def sixteen_bit_logits(hidden, embeddings, chunk_bytes=2**26):
     """`hidden @ embeddings.T` (tied logits) in float32 pieces of at most `chunk_bytes`.
 
     The embedding is the largest weight (gemma_2b_en: 256,000 x 2,048, 2.1 GB in float32):
@@ -163,6 +163,10 @@ def sixteen_bit_logits(hidden, embeddings, chunk_bytes=2**28):
     converted a block of rows at a time, each block after the previous block's logits (and
     in the backward pass, after the previous block's share of the hidden-state gradient), so
     one block is alive at a time. The result is in `hidden.dtype`.
+
+    Blocks of 64 MB (8,192 rows at the 2B width): in the 2B int8 + LoRA training step, XLA's
+    temporaries were 0.95 GB with 256 MB blocks and 0.74 GB with these, and the logits'
+    forward and backward passes took 0.86x the time (best of 4, interleaved; 32 MB: 0.87x).
 
     Example:
     >>> h = keras.ops.ones((1, 3, 4), "bfloat16")
@@ -175,7 +179,7 @@ def sixteen_bit_logits(hidden, embeddings, chunk_bytes=2**28):
     return _chunked_logits(rows, False)(hidden, embeddings, None)
 
 
-def int8_logits(hidden, embeddings, row_scale, chunk_bytes=2**28):
+def int8_logits(hidden, embeddings, row_scale, chunk_bytes=2**26):
     """`hidden @ (embeddings / row_scale[:, None]).T` for Keras' int8 embedding (weight-only),
     a block of rows at a time as `sixteen_bit_logits` does: the 2B table is 0.5 GB in int8
     and 2.1 GB in float32. The table and its scale get no gradient (frozen).

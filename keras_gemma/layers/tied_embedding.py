@@ -25,6 +25,7 @@ from keras_gemma.layers import decode_matmul
 from keras_gemma.layers import quantization_defaults
 from keras_gemma.layers import quantized_products
 from keras_gemma.layers import sixteen_bit_product
+from keras_gemma.layers import torch_int8_training
 
 
 @keras.saving.register_keras_serializable(package="keras_gemma")
@@ -152,6 +153,13 @@ class GemmaReversibleEmbedding(keras.layers.ReversibleEmbedding):
                 lambda rows: quantized_products.int8_matmul(rows, weights),
             )
             return self._soft_capped(logits)
+        if keras.backend.backend() == "torch" and self.inputs_quantizer is None:
+            # Dequantized a block of rows at a time, forward and backward, keeping only the
+            # int8 table for backward (torch_int8_training.py).
+            return torch_int8_training.int8_logits(
+                inputs, ops.convert_to_tensor(self._embeddings),
+                ops.convert_to_tensor(self.embeddings_scale), self.logit_soft_cap,
+            )
         forward = super()._int8_call
         cap = self.logit_soft_cap
 
