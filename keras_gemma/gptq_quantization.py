@@ -27,8 +27,12 @@ float32 24.49; calibration texts that the float model wrote itself, top-k sampli
     GPTQ, value/FFN-down int8, ~1,900 generated tokens, scale search    24.94   +1.8%
     the same, other generated text (tests/test_real_gemma3_270m_...)   25.89   +5.7%
 
-The last two rows differ only in the calibration text: a few thousand tokens are too few
-for a stable result. These float weights are themselves llama.cpp's 4- to 8-bit values
+The last two rows differ only in the calibration text. Three more generated texts
+(2026-12-01, seeds of one top-k sampler, ~1,900 tokens each) gave +5.6%, +4.7% and +6.5%,
+and the three together (~5,700 tokens) +6.5%: more text of this kind does not steady it.
+Sequential calibration (each block's Hessians from the activations of the blocks before
+it, already quantized; Frantar et al.'s order) gave +3.6%, +5.9% and +6.3% on those three
+texts: no better on average, at 1.3-3x the time, so it is not used. These float weights are themselves llama.cpp's 4- to 8-bit values
 (mostly Q5_0), which a second, coarser grid cannot hold; on weights trained in bfloat16 the
 figures may differ.
 
