@@ -26,6 +26,7 @@ from keras_gemma.layers import quantization_defaults
 from keras_gemma.layers import quantized_products
 from keras_gemma.layers import sixteen_bit_product
 from keras_gemma.layers import torch_int8_training
+from keras_gemma.layers import torch_sixteen_bit_training
 
 
 @keras.saving.register_keras_serializable(package="keras_gemma")
@@ -71,6 +72,17 @@ class GemmaReversibleEmbedding(keras.layers.ReversibleEmbedding):
                 cap = self.logit_soft_cap
                 logits = ops.multiply(ops.tanh(ops.divide(logits, cap)), cap)
             return logits
+        if (
+            reverse
+            and self.tie_weights
+            and self.reverse_dtype is None
+            and torch_sixteen_bit_training.runs_here(self.embeddings, training)
+        ):
+            # Float32 arithmetic a block of the table at a time (torch_sixteen_bit_training.py).
+            logits = torch_sixteen_bit_training.float32_logits(
+                ops.convert_to_tensor(inputs), ops.convert_to_tensor(self.embeddings)
+            )
+            return self._soft_capped(logits)
         return super().call(inputs, reverse=reverse)
 
     def quantized_call(self, inputs, reverse=False, training=None):
