@@ -39,25 +39,16 @@ PROMPTS = [
     "def add(a, b):\n",
     "Once upon a time, in a small village by the sea,",
 ]
-CALIBRATION_OPENINGS = [
-    "The committee met on Tuesday to discuss the budget for the coming year.",
-    "def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):",
-    "Photosynthesis is the process by which green plants use sunlight",
-    "Question: What is the capital of France?\nAnswer:",
-    "She opened the letter with trembling hands.",
-    "In 1969, two astronauts walked on the surface of the Moon",
-]
 
 
 def paragraph_perplexity(backbone, ids):
     import keras
+    from gguf_reference import perplexity
 
     hidden = backbone({"token_ids": ids, "padding_mask": np.ones_like(ids)})
     logits = keras.ops.convert_to_numpy(
         keras.ops.cast(backbone.token_embedding(hidden, reverse=True), "float32"))[0]
-    shifted = logits[:-1] - logits[:-1].max(-1, keepdims=True)
-    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
-    return float(np.exp(-log_probs[np.arange(len(ids[0]) - 1), ids[0, 1:]].mean()))
+    return perplexity(logits, ids[0])
 
 
 def greedy_tokens(lm, new_tokens):
@@ -100,7 +91,7 @@ def main():
     args = parser.parse_args()
 
     import keras
-    from gguf_reference import PARAGRAPH
+    from gguf_reference import CALIBRATION_PROMPTS, PARAGRAPH
 
     from keras_gemma import GemmaCausalLM
     from keras_gemma.checkpoints import gguf
@@ -133,7 +124,7 @@ def main():
             lm.compile(sampler=TopKSampler(k=5, seed=seed))
             lm_float = GemmaCausalLM(backbone, lm.preprocessor)
             lm_float.compile(sampler=TopKSampler(k=5, seed=seed))
-            calibration = lm_float.generate(CALIBRATION_OPENINGS,
+            calibration = lm_float.generate(CALIBRATION_PROMPTS,
                                             max_length=args.calibration_tokens)
             start = time.perf_counter()  # the quantization alone
             backbone.quantize("gptq", config=keras.quantizers.GPTQConfig(

@@ -44,6 +44,18 @@ PROMPT = "Once upon a time"
 NEW_TOKENS = 30
 
 
+# Calibration for GPTQ: text the float model writes itself from these openings (top-k
+# sampling, 320 tokens each), so no dataset is needed; none of it is the scored paragraph.
+CALIBRATION_PROMPTS = [
+    "The committee met on Tuesday to discuss the budget for the coming year.",
+    "def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):",
+    "Photosynthesis is the process by which green plants use sunlight",
+    "Question: What is the capital of France?\nAnswer:",
+    "She opened the letter with trembling hands.",
+    "In 1969, two astronauts walked on the surface of the Moon",
+]
+
+
 def perplexity(logits, ids):
     """exp(mean negative log-likelihood of ids[1:] given the logits at ids[:-1]), float64."""
     logits = np.asarray(logits, np.float64)[:-1]

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 from conftest import to_numpy  # noqa: E402
-from gguf_reference import perplexity, reference  # noqa: E402
+from gguf_reference import CALIBRATION_PROMPTS, perplexity, reference  # noqa: E402
 
 from keras_gemma import GemmaCausalLM  # noqa: E402
 from keras_gemma.backbone import GemmaBackbone  # noqa: E402
@@ -93,16 +93,6 @@ def test_int4_perplexity_is_bounded(float_weights, expected):
     assert ours / float32 < 1.36
 
 
-# Calibration for GPTQ: text the float model writes itself from these openings (top-k
-# sampling, 320 tokens each), so no dataset is needed; none of it is the scored paragraph.
-CALIBRATION_PROMPTS = [
-    "The committee met on Tuesday to discuss the budget for the coming year.",
-    "def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):",
-    "Photosynthesis is the process by which green plants use sunlight",
-    "Question: What is the capital of France?\nAnswer:",
-    "She opened the letter with trembling hands.",
-    "In 1969, two astronauts walked on the surface of the Moon",
-]
 
 
 @pytest.mark.skipif(
