@@ -17,13 +17,15 @@ runs the GGUF as is.
   transformers converter loads it. On each selected Keras backend.
 - transformers: the same DIR, `model.generate(do_sample=False, max_new_tokens=n)` (torch).
 - llama.cpp: llama-cpp-python on the GGUF, only if it is importable (it is not installed
-  here: it compiles for ~5-12 minutes and belongs in the benchmark's own environment). On
-  this VM the default native build segfaults in generate (its AMX kernels); build it with
-      python -m venv --system-site-packages /tmp/bench-venv
-      CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
-        -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON" \
-        /tmp/bench-venv/bin/pip install --no-cache-dir llama-cpp-python
-  and run this script with /tmp/bench-venv/bin/python.
+  here: it compiles for ~5-25 minutes and belongs in the benchmark's own environment). The
+  default native build segfaulted in generate on an earlier VM (its AMX kernels), and a build
+  with AVX-512 dies with SIGILL on the AVX2-only CPU this machine has had since 2026-12-01;
+  build it for AVX2 with
+      python -m venv --system-site-packages /tmp/bench-venv2
+      CMAKE_BUILD_PARALLEL_LEVEL=1 CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON \
+        -DGGML_F16C=ON -DGGML_AVX512=OFF" \
+        /tmp/bench-venv2/bin/pip install --no-cache-dir llama-cpp-python==0.3.36
+  and run this script with /tmp/bench-venv2/bin/python.
 
 Method: every implementation runs in its own process (KERAS_BACKEND set; torch and llama.cpp
 use --threads threads). Each tokenizes the same prompt with its own tokenizer (<bos> first),
