@@ -68,10 +68,7 @@ class GemmaReversibleEmbedding(keras.layers.ReversibleEmbedding):
             logits = sixteen_bit_product.sixteen_bit_logits(
                 ops.convert_to_tensor(inputs), ops.convert_to_tensor(self.embeddings)
             )
-            if self.logit_soft_cap is not None:
-                cap = self.logit_soft_cap
-                logits = ops.multiply(ops.tanh(ops.divide(logits, cap)), cap)
-            return logits
+            return self._soft_capped(logits)
         if (
             reverse
             and self.tie_weights
