@@ -41,6 +41,7 @@ import dataclasses
 import math
 import os
 
+from keras_gemma.config_without_tensorflow import config_of
 from keras_gemma.checkpoints.memory_available import available_memory
 from keras_gemma.layers.quantization_defaults import INT4_BLOCK_SIZE
 
@@ -275,7 +276,7 @@ def check_quantize(backbone, mode, check_memory=True):
         return  # quantized already: Keras refuses it with its own message
     import keras
 
-    config = backbone.get_config()
+    config = config_of(backbone)
     if "hidden_dim" not in config:  # Gemma3Backbone: its GemmaBackbone arguments
         config = backbone.gemma_backbone_config()
     dtype = keras.backend.standardize_dtype(backbone.variable_dtype)

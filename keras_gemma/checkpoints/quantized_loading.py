@@ -21,6 +21,7 @@ of int8 weights and the runtime), the rest transient while the first weights are
 import keras
 import numpy as np
 
+from keras_gemma.config_without_tensorflow import config_of
 from keras_gemma.collect_once import one_collection
 
 MODES = ("int8", "int4")
@@ -150,7 +151,7 @@ def _quantize_in_scratch(layer, value):
     """`{variable name: numpy value}` of a float copy of `layer` holding `value` (an embedding
     may get fewer rows than the layer has) after the layer's own `quantize`."""
     policy = layer_policy(layer)
-    config = layer.get_config()
+    config = config_of(layer)  # TensorFlow stays out of a JAX or torch process
     config["dtype"] = keras.dtype_policies.get(policy._source_name)
     config.pop("quantization_config", None)
     is_embedding = isinstance(layer, keras.layers.Embedding)
