@@ -13,6 +13,7 @@ from keras_gemma.generation.generation_methods import GenerationMethods
 from keras_gemma.generation.generator import Generator
 from keras_gemma.generation.training_data import preprocess_for_training
 from keras_gemma.layers.attention import CachePositions
+from keras_gemma.optimizer_slot_layout import lay_out_slots_like_variables
 
 
 @keras.saving.register_keras_serializable(package="keras_gemma")
@@ -149,6 +150,11 @@ class GemmaCausalLM(GenerationMethods, keras.Model):
         if validation is not None:
             kwargs["validation_data"] = self._preprocess_validation(validation)
         return super().fit(x, y, batch_size=batch_size, sample_weight=sample_weight, **kwargs)
+
+    def train_step(self, *args, **kwargs):
+        # torch: optimizer slots in the memory order of their variables (optimizer_slot_layout.py).
+        lay_out_slots_like_variables(self.optimizer, self.trainable_variables)
+        return super().train_step(*args, **kwargs)
 
     def evaluate(self, x=None, y=None, batch_size=None, sample_weight=None, **kwargs):
         x, y, sample_weight, batch_size = preprocess_for_training(
