@@ -124,26 +124,28 @@ def segment_mask_and_positions(padding_mask):
     return visible, positions
 
 
-def _project_to_heads(dense, inputs, rows=None):
+def _project_to_heads(dense, inputs, rows=None, training=None):
     """`dense(inputs)` for a "btd,nhd->btnh" EinsumDense; a decode step reshapes the
     (heads, head_dim, hidden) kernel to (heads * head_dim, hidden) and runs `decode_matmul`
-    on `rows`, the inputs as [batch, hidden] (LoRA included: `dense.kernel` merges it)."""
+    on `rows`, the inputs as [batch, hidden] (LoRA included: `dense.kernel` merges it).
+    `training` is passed on explicitly: a rematerialized block's recomputation runs outside
+    the call context that would otherwise supply it (block_remat.py)."""
     if rows is None or not is_decode_step(dense, inputs):
-        return dense(inputs)
+        return dense(inputs, training=training)
     kernel = ops.cast(dense.kernel, dense.compute_dtype)
     heads, head_dim, hidden = kernel.shape
     projected = decode_matmul(rows, ops.reshape(kernel, (heads * head_dim, hidden)))
     return ops.reshape(projected, (rows.shape[0], 1, heads, head_dim))
 
 
-def _project_from_heads(dense, inputs, heads, head_dim):
+def _project_from_heads(dense, inputs, heads, head_dim, training=None):
     """`dense(...)` for the "btnh,dnh->btd" output EinsumDense on the attention output
     `inputs` [batch, seq, kv_heads, groups, head_dim]; a decode step reshapes the
     (hidden, heads, head_dim) kernel to (hidden, heads * head_dim) and the inputs to rows
     [batch, heads * head_dim] in one reshape each."""
     if not is_decode_step(dense, inputs):
         batch, query_length = ops.shape(inputs)[0], ops.shape(inputs)[1]
-        return dense(ops.reshape(inputs, (batch, query_length, heads, head_dim)))
+        return dense(ops.reshape(inputs, (batch, query_length, heads, head_dim)), training=training)
     kernel = ops.cast(dense.kernel, dense.compute_dtype)
     batch, hidden = inputs.shape[0], kernel.shape[0]
     projected = decode_matmul(
@@ -301,9 +303,9 @@ class GemmaAttention(keras.layers.Layer):
         rows = None
         if inputs.shape[1] == 1 and inputs.shape[0] is not None:
             rows = ops.reshape(inputs, (inputs.shape[0], inputs.shape[2]))
-        query = _project_to_heads(self.query_dense, inputs, rows)
-        key = _project_to_heads(self.key_dense, inputs, rows)
-        value = _project_to_heads(self.value_dense, inputs, rows)
+        query = _project_to_heads(self.query_dense, inputs, rows, training)
+        key = _project_to_heads(self.key_dense, inputs, rows, training)
+        value = _project_to_heads(self.value_dense, inputs, rows, training)
         if self.use_query_key_norm:
             query = self.query_norm(query)
             key = self.key_norm(key)
@@ -315,7 +317,7 @@ class GemmaAttention(keras.layers.Layer):
             key, value = cache[:, 0], cache[:, 1]
         output = self._attend(query, key, value, attention_mask, training)
         output = _project_from_heads(
-            self.output_dense, output, self.num_query_heads, self.head_dim
+            self.output_dense, output, self.num_query_heads, self.head_dim, training
         )
         if cache is not None:
             return output, cache

@@ -171,7 +171,7 @@ class GemmaDecoderBlock(keras.layers.Layer):
             attended = self.post_attention_norm(attended)
         x = inputs + self.dropout_layer(attended, training=training)
         transformed = gated_feed_forward(
-            self.gating_ffw, self.gating_ffw_2, self.ffw_linear, self.pre_ffw_norm(x)
+            self.gating_ffw, self.gating_ffw_2, self.ffw_linear, self.pre_ffw_norm(x), training
         )
         if self.post_ffw_norm is not None:
             transformed = self.post_ffw_norm(transformed)

@@ -51,7 +51,7 @@ def build_feed_forward(gating, gating_2, linear, input_shape):
     linear.build((None, None, gating.kernel.shape[0]))
 
 
-def gated_feed_forward(gating, gating_2, linear, inputs):
+def gated_feed_forward(gating, gating_2, linear, inputs, training=None):
     """`linear(gelu_tanh(gating(x)) * gating_2(x))` for `inputs` [batch, seq, hidden].
 
     A decode step (one token per row) takes the products through `decode_matmul`, the
@@ -59,8 +59,9 @@ def gated_feed_forward(gating, gating_2, linear, inputs):
     """
     if not is_decode_step(gating, inputs):
         # gated_gelu: a training step keeps only the two projections for backward.
-        gate = gating(inputs)
-        return linear(gated_gelu(gate, gating_2(inputs)))
+        # `training` explicitly: a rematerialized block recomputes outside its call context.
+        gate = gating(inputs, training=training)
+        return linear(gated_gelu(gate, gating_2(inputs, training=training)), training=training)
     rows = ops.reshape(inputs, (inputs.shape[0], inputs.shape[2]))
 
     def project(dense, values):

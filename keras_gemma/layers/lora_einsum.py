@@ -32,6 +32,7 @@ from keras_gemma.layers import quantization_defaults
 from keras_gemma.layers import quantized_products
 from keras_gemma.layers import sixteen_bit_product
 from keras_gemma.layers import torch_int8_training
+from keras_gemma.layers import torch_onednn_product
 from keras_gemma.layers import torch_sixteen_bit_training
 
 _RANK_LETTERS = "rstuvwxyzRSTUVWXYZ"
@@ -109,6 +110,15 @@ class GemmaEinsumDense(keras.layers.EinsumDense):
             # torch's bfloat16 products on a CPU without AVX-512 BF16 run at 0.1-6.6
             # GFLOP/s (torch_sixteen_bit_training.py): float32 arithmetic, 16-bit storage.
             return torch_sixteen_bit_training.float32_einsum(
+                self.equation, ops.convert_to_tensor(inputs), ops.convert_to_tensor(kernel)
+            )
+        if (
+            plain
+            and torch_onednn_product.supports(self.equation)
+            and torch_onednn_product.runs_here(inputs, kernel, training)
+        ):
+            # MKL's float32 product runs AVX2 code on AMD CPUs (torch_onednn_product.py).
+            return torch_onednn_product.einsum(
                 self.equation, ops.convert_to_tensor(inputs), ops.convert_to_tensor(kernel)
             )
         return super().call(inputs, training=training)

@@ -26,6 +26,7 @@ from keras_gemma.layers import quantization_defaults
 from keras_gemma.layers import quantized_products
 from keras_gemma.layers import sixteen_bit_product
 from keras_gemma.layers import torch_int8_training
+from keras_gemma.layers import torch_onednn_product
 from keras_gemma.layers import torch_sixteen_bit_training
 
 
@@ -78,6 +79,17 @@ class GemmaReversibleEmbedding(keras.layers.ReversibleEmbedding):
             # Float32 arithmetic a block of the table at a time (torch_sixteen_bit_training.py).
             logits = torch_sixteen_bit_training.float32_logits(
                 ops.convert_to_tensor(inputs), ops.convert_to_tensor(self.embeddings)
+            )
+            return self._soft_capped(logits)
+        if (
+            reverse
+            and self.tie_weights
+            and self.reverse_dtype is None
+            and torch_onednn_product.runs_here(inputs, self.embeddings, training)
+        ):
+            # MKL's float32 product runs AVX2 code on AMD CPUs (torch_onednn_product.py).
+            logits = torch_onednn_product.einsum(
+                "btd,vd->btv", ops.convert_to_tensor(inputs), ops.convert_to_tensor(self.embeddings)
             )
             return self._soft_capped(logits)
         return super().call(inputs, reverse=reverse)

@@ -1,0 +1,147 @@
+"""float32 training products on PyTorch on a CPU through oneDNN, where it beats torch's default.
+
+torch multiplies float32 matrices with MKL, and MKL runs its AVX2 code on AMD CPUs even
+where they have AVX-512. oneDNN (also inside every torch CPU build, behind
+`torch.ops.mkldnn._linear_pointwise`) uses AVX-512 there. Measured on the 2-core AMD EPYC of
+2026-12-05 (AVX-512; torch 2.13, 2 threads), GFLOP/s:
+
+    128 x 2048 -> 16384 (2B gating, forward)      MKL 171   oneDNN 441
+    its input gradient (weight transposed)        MKL 163   oneDNN 394
+    128 x 2048 -> 256000 (2B tied logits)         MKL 145   oneDNN 397
+    the same table stored column-major            MKL 157   oneDNN 304
+    2048 x 16384 x 2048                           MKL 232   oneDNN 453   (XLA here: 468)
+
+On a CPU where MKL is as fast (Intel, or the AVX2-only EPYC of 2026-12-01) nothing is gained,
+so the first call times both on a [512, 1024] x [1024, 1024] product and takes oneDNN only
+when it is at least 1.2x faster (`KERAS_GEMMA_TORCH_ONEDNN=1` or `0` decides instead).
+
+Only training products come here (forward, input and weight gradients, all in oneDNN);
+decode steps keep decode_matmul.py's measured forms, and inference's many-row products
+keep Keras' call for now.
+"""
+
+import functools
+import math
+import os
+import time
+
+import keras
+
+from keras_gemma.layers import quantized_products
+
+_SETTING = "KERAS_GEMMA_TORCH_ONEDNN"
+
+
+def runs_here(inputs, kernel, training):
+    """True when a float32 training product of `inputs` with `kernel` should go through oneDNN."""
+    if not training or keras.backend.backend() != "torch":
+        return False
+    dtypes = {keras.backend.standardize_dtype(x.dtype) for x in (inputs, kernel)}
+    if dtypes != {"float32"}:
+        return False
+    if keras.ops.convert_to_tensor(kernel).device.type != "cpu":
+        return False
+    return faster_here()
+
+
+def faster_here():
+    """Whether oneDNN's float32 product beats torch's default on this CPU (see the module doc)."""
+    setting = os.environ.get(_SETTING, "").strip()
+    if setting in ("0", "1"):
+        return setting == "1" and _available()
+    return _measured_faster()
+
+
+@functools.lru_cache(maxsize=None)
+def _available():
+    import torch
+
+    try:
+        probe = torch.ones(2, 3)
+        torch.ops.mkldnn._linear_pointwise(probe, torch.ones(4, 3), None, "none", [], "")
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _measured_faster():
+    if not _available():
+        return False
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(512, 1024, generator=generator)
+    weight = torch.randn(1024, 1024, generator=generator)
+
+    def best(product):
+        product()
+        times = []
+        for _ in range(3):
+            started = time.perf_counter()
+            product()
+            times.append(time.perf_counter() - started)
+        return min(times)
+
+    default = best(lambda: inputs @ weight.T)
+    onednn = best(lambda: _linear(inputs, weight))
+    return default >= 1.2 * onednn
+
+
+def _linear(inputs, weight):
+    import torch
+
+    return torch.ops.mkldnn._linear_pointwise(inputs, weight, None, "none", [], "")
+
+
+def linear(inputs, weight):
+    """`inputs @ weight.T` for `inputs` [rows, in] and `weight` [out, in], differentiable.
+
+    Example:
+    >>> linear(torch.ones(3, 4), torch.ones(5, 4)).shape
+    torch.Size([3, 5])
+    """
+    return _function().apply(inputs, weight)
+
+
+def einsum(equation, inputs, kernel):
+    """`einsum(equation, inputs, kernel)` for a kernel [outputs..., inputs...] (our layout).
+
+    Example:
+    >>> einsum("btd,fd->btf", torch.ones(1, 3, 4), torch.ones(8, 4)).shape
+    torch.Size([1, 3, 8])
+    """
+    batch_axes, output_axes = quantized_products.matrix_form(equation)
+    batch_shape = tuple(inputs.shape[:batch_axes])
+    output_shape = tuple(kernel.shape[:output_axes])
+    rows = inputs.reshape(math.prod(batch_shape), -1)
+    weight = kernel.reshape(math.prod(output_shape), -1)
+    return linear(rows, weight).reshape(*batch_shape, *output_shape)
+
+
+def supports(equation):
+    """Whether `einsum` takes `equation` (inputs [batch..., in...], kernel [out..., in...])."""
+    return quantized_products.matrix_form(equation) is not None
+
+
+@functools.lru_cache(maxsize=None)
+def _function():
+    import torch
+
+    class OneDNNLinear(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, inputs, weight):
+            ctx.save_for_backward(inputs, weight)
+            return _linear(inputs, weight)
+
+        @staticmethod
+        def backward(ctx, gradient):
+            inputs, weight = ctx.saved_tensors
+            inputs_gradient = weight_gradient = None
+            if ctx.needs_input_grad[0]:
+                inputs_gradient = _linear(gradient, weight.t())
+            if ctx.needs_input_grad[1]:
+                weight_gradient = _linear(gradient.t(), inputs.t())
+            return inputs_gradient, weight_gradient
+
+    return OneDNNLinear
