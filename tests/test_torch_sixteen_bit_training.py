@@ -66,8 +66,10 @@ def test_float32_logits_in_blocks_values_and_both_gradients():
     _close(table.grad, g.reshape(-1, 10).T @ _numpy(hidden).reshape(-1, 8))
 
 
-def test_bfloat16_lora_layer_trains_through_float32_arithmetic():
+def test_bfloat16_lora_layer_trains_through_float32_arithmetic(monkeypatch):
     import torch
+
+    monkeypatch.setenv("KERAS_GEMMA_TORCH_NATIVE_16BIT", "0")  # a CPU without fast bfloat16
 
     layer = GemmaEinsumDense("btd,fd->btf", output_shape=(None, 6), dtype="bfloat16")
     layer.build((1, 3, 8))
@@ -85,8 +87,10 @@ def test_bfloat16_lora_layer_trains_through_float32_arithmetic():
     assert "Float32Einsum" not in type(layer(x, training=False).grad_fn).__name__
 
 
-def test_bfloat16_tied_logits_train_through_float32_arithmetic():
+def test_bfloat16_tied_logits_train_through_float32_arithmetic(monkeypatch):
     import torch
+
+    monkeypatch.setenv("KERAS_GEMMA_TORCH_NATIVE_16BIT", "0")
 
     embedding = GemmaReversibleEmbedding(10, 8, logit_soft_cap=5.0, dtype="bfloat16")
     embedding.build((1, 3))
@@ -97,3 +101,17 @@ def test_bfloat16_tied_logits_train_through_float32_arithmetic():
     table = _numpy(embedding.embeddings.value)
     _close(logits, 5.0 * np.tanh(_numpy(hidden) @ table.T / 5.0))
     assert hidden.grad is not None
+
+
+def test_a_cpu_with_fast_bfloat16_keeps_the_native_product(monkeypatch):
+    import torch
+
+    monkeypatch.setenv("KERAS_GEMMA_TORCH_NATIVE_16BIT", "1")
+    layer = GemmaEinsumDense("btd,fd->btf", output_shape=(None, 6), dtype="bfloat16")
+    layer.build((1, 3, 8))
+    assert not sixteen.runs_here(layer.kernel, training=True)
+    x = _bfloat16((1, 3, 8), 8)
+    with torch.enable_grad():
+        out = layer(x, training=True)
+    assert "Float32Einsum" not in type(out.grad_fn).__name__
+    _close(out, np.einsum("btd,fd->btf", _numpy(x), _numpy(layer.kernel.value)))

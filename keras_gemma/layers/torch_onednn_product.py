@@ -12,8 +12,8 @@ where they have AVX-512. oneDNN (also inside every torch CPU build, behind
     2048 x 16384 x 2048                           MKL 232   oneDNN 453   (XLA here: 468)
 
 On a CPU where MKL is as fast (Intel, or the AVX2-only EPYC of 2026-12-01) nothing is gained,
-so the first call times both on a [512, 1024] x [1024, 1024] product and takes oneDNN only
-when it is at least 1.2x faster (`KERAS_GEMMA_TORCH_ONEDNN=1` or `0` decides instead).
+so torch_product_choice.py times both once per process and takes oneDNN only where it is at
+least 1.2x faster (`KERAS_GEMMA_TORCH_ONEDNN=1` or `0` decides instead).
 
 Only training products come here (forward, input and weight gradients, all in oneDNN);
 decode steps keep decode_matmul.py's measured forms, and inference's many-row products
@@ -22,14 +22,11 @@ keep Keras' call for now.
 
 import functools
 import math
-import os
-import time
 
 import keras
 
 from keras_gemma.layers import quantized_products
-
-_SETTING = "KERAS_GEMMA_TORCH_ONEDNN"
+from keras_gemma.layers import torch_product_choice
 
 
 def runs_here(inputs, kernel, training):
@@ -45,47 +42,8 @@ def runs_here(inputs, kernel, training):
 
 
 def faster_here():
-    """Whether oneDNN's float32 product beats torch's default on this CPU (see the module doc)."""
-    setting = os.environ.get(_SETTING, "").strip()
-    if setting in ("0", "1"):
-        return setting == "1" and _available()
-    return _measured_faster()
-
-
-@functools.lru_cache(maxsize=None)
-def _available():
-    import torch
-
-    try:
-        probe = torch.ones(2, 3)
-        torch.ops.mkldnn._linear_pointwise(probe, torch.ones(4, 3), None, "none", [], "")
-    except (AttributeError, RuntimeError):
-        return False
-    return True
-
-
-@functools.lru_cache(maxsize=None)
-def _measured_faster():
-    if not _available():
-        return False
-    import torch
-
-    generator = torch.Generator().manual_seed(0)
-    inputs = torch.randn(512, 1024, generator=generator)
-    weight = torch.randn(1024, 1024, generator=generator)
-
-    def best(product):
-        product()
-        times = []
-        for _ in range(3):
-            started = time.perf_counter()
-            product()
-            times.append(time.perf_counter() - started)
-        return min(times)
-
-    default = best(lambda: inputs @ weight.T)
-    onednn = best(lambda: _linear(inputs, weight))
-    return default >= 1.2 * onednn
+    """Whether oneDNN's float32 product beats torch's default here (torch_product_choice.py)."""
+    return torch_product_choice.onednn_float32_is_faster()
 
 
 def _linear(inputs, weight):

@@ -15,12 +15,15 @@ product. The tied logits do it a block of the vocabulary at a time (the 2B table
 in bfloat16, 2.1 GB in float32).
 
 Inference keeps Keras' call (its decode paths are measured separately, see
-decode_matmul.py); only training on a CPU comes here.
+decode_matmul.py); only training on a CPU comes here, and only where torch_product_choice.py
+finds the native 16-bit product slower (on the AVX-512 BF16 EPYC of 2026-12-05 it is 6.8x
+faster than this detour, and the layers keep Keras' own call).
 """
 
 import keras
 from keras import ops
 
+from keras_gemma.layers import torch_product_choice
 from keras_gemma.layers.torch_int8_training import backward_equation
 
 
@@ -28,9 +31,13 @@ def runs_here(kernel, training):
     """True when a 16-bit `kernel`'s training product should come here."""
     if not training or keras.backend.backend() != "torch":
         return False
-    if keras.backend.standardize_dtype(kernel.dtype) not in ("bfloat16", "float16"):
+    dtype = keras.backend.standardize_dtype(kernel.dtype)
+    if dtype not in ("bfloat16", "float16"):
         return False
-    return not ops.convert_to_tensor(kernel).is_cuda
+    if ops.convert_to_tensor(kernel).is_cuda:
+        return False
+    # A CPU with fast 16-bit products (AVX-512 BF16) keeps them: torch_product_choice.py.
+    return not torch_product_choice.native_sixteen_bit_is_fast(dtype)
 
 
 def kernel_gradient_equation(equation):
