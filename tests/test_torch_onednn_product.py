@@ -111,5 +111,32 @@ def test_the_setting_decides(monkeypatch):
     assert not onednn.runs_here(keras.ops.ones((2, 3)), kernel, training=True)
     monkeypatch.setenv("KERAS_GEMMA_TORCH_ONEDNN", "1")
     assert not onednn.runs_here(keras.ops.ones((2, 3)), kernel, training=False)
+    monkeypatch.setenv("KERAS_GEMMA_TORCH_NATIVE_16BIT", "0")
     assert not onednn.runs_here(
         keras.ops.ones((2, 3), "bfloat16"), keras.ops.ones((4, 3), "bfloat16"), training=True)
+    assert not onednn.runs_here(  # mixed dtypes keep Keras' call
+        keras.ops.ones((2, 3), "bfloat16"), kernel, training=True)
+
+
+def test_bfloat16_where_the_cpu_multiplies_it_fast(monkeypatch):
+    import torch
+
+    monkeypatch.setenv("KERAS_GEMMA_TORCH_NATIVE_16BIT", "1")
+    if not onednn.torch_product_choice.onednn_available():
+        pytest.skip("this torch build has no oneDNN linear operator")
+    inputs = _tensor((2, 5, 8), 0).detach().to(torch.bfloat16).requires_grad_()
+    kernel = _tensor((24, 8), 1).detach().to(torch.bfloat16).requires_grad_()
+    assert onednn.runs_here(inputs, kernel, training=True)
+    output = onednn.einsum("btd,fd->btf", inputs, kernel)
+    assert output.dtype == torch.bfloat16
+    output.float().sum().backward()
+    x, w = inputs.detach().float().numpy(), kernel.detach().float().numpy()
+    # One bfloat16 rounding of results accumulated in float32.
+    np.testing.assert_allclose(output.detach().float().numpy(), x @ w.T, rtol=2e-2, atol=2e-2)
+    np.testing.assert_allclose(
+        inputs.grad.float().numpy(), np.ones((2, 5, 24), "float32") @ w, rtol=2e-2, atol=2e-2)
+    np.testing.assert_allclose(
+        kernel.grad.float().numpy(), np.ones((24, 10), "float32") @ x.reshape(10, 8),
+        rtol=2e-2, atol=5e-2)
+    monkeypatch.setenv("KERAS_GEMMA_TORCH_NATIVE_16BIT", "0")
+    assert not onednn.runs_here(inputs, kernel, training=True)

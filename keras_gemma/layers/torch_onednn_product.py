@@ -1,4 +1,4 @@
-"""float32 training products on PyTorch on a CPU through oneDNN, where it beats torch's default.
+"""Training products on PyTorch on a CPU through oneDNN, where it beats torch's default.
 
 torch multiplies float32 matrices with MKL, and MKL runs its AVX2 code on AMD CPUs even
 where they have AVX-512. oneDNN (also inside every torch CPU build, behind
@@ -13,7 +13,8 @@ where they have AVX-512. oneDNN (also inside every torch CPU build, behind
 
 On a CPU where MKL is as fast (Intel, or the AVX2-only EPYC of 2026-12-01) nothing is gained,
 so torch_product_choice.py times both once per process and takes oneDNN only where it is at
-least 1.2x faster (`KERAS_GEMMA_TORCH_ONEDNN=1` or `0` decides instead).
+least 1.2x faster (`KERAS_GEMMA_TORCH_ONEDNN=1` or `0` decides instead). bfloat16 and
+float16 come here where their native products are fast (see `runs_here`).
 
 Only training products come here (forward, input and weight gradients, all in oneDNN);
 decode steps keep decode_matmul.py's measured forms, and inference's many-row products
@@ -30,15 +31,28 @@ from keras_gemma.layers import torch_product_choice
 
 
 def runs_here(inputs, kernel, training):
-    """True when a float32 training product of `inputs` with `kernel` should go through oneDNN."""
+    """True when a training product of `inputs` with `kernel` should go through oneDNN:
+    float32 where oneDNN beats MKL, bfloat16/float16 where the CPU multiplies them natively
+    fast (torch_product_choice.py). For 16-bit kernels stored (out, in), torch's own einsum
+    copies the transposed weight before every product (the 2B bfloat16 LoRA step: ~90 ms of
+    copies per feed-forward product, 14 tok/s against KerasHub's 38); oneDNN's linear reads
+    (out, in) as it is."""
     if not training or keras.backend.backend() != "torch":
         return False
     dtypes = {keras.backend.standardize_dtype(x.dtype) for x in (inputs, kernel)}
-    if dtypes != {"float32"}:
+    if len(dtypes) != 1:
         return False
     if keras.ops.convert_to_tensor(kernel).device.type != "cpu":
         return False
-    return faster_here()
+    dtype = dtypes.pop()
+    if dtype == "float32":
+        return faster_here()
+    if dtype in ("bfloat16", "float16"):
+        return (
+            torch_product_choice.onednn_available()
+            and torch_product_choice.native_sixteen_bit_is_fast(dtype)
+        )
+    return False
 
 
 def faster_here():
