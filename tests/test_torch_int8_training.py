@@ -39,8 +39,12 @@ def _int8(shape, seed):
     return np.random.default_rng(seed).integers(-127, 128, shape).astype("int8")
 
 
+@pytest.mark.parametrize("onednn", ["0", "1"])  # torch's default products, and oneDNN's
 @pytest.mark.parametrize("equation", ["btd,fd->btf", "btnh,dnh->btd"])
-def test_int8_lora_layer_saves_no_float_kernel_and_its_gradients_are_right(equation):
+def test_int8_lora_layer_saves_no_float_kernel_and_its_gradients_are_right(
+    equation, onednn, monkeypatch
+):
+    monkeypatch.setenv("KERAS_GEMMA_TORCH_ONEDNN", onednn)
     import torch
 
     # Inputs smaller than the kernel, so that the sizes below tell them apart.

@@ -140,3 +140,18 @@ def test_bfloat16_where_the_cpu_multiplies_it_fast(monkeypatch):
         rtol=2e-2, atol=5e-2)
     monkeypatch.setenv("KERAS_GEMMA_TORCH_NATIVE_16BIT", "0")
     assert not onednn.runs_here(inputs, kernel, training=True)
+
+
+@pytest.mark.parametrize("equation, inputs_shape, kernel_shape", [
+    ("btd,fd->btf", (2, 5, 8), (24, 8)),
+    ("btnh,dnh->btd", (2, 5, 3, 4), (8, 3, 4)),
+])
+def test_input_gradient_outside_autograd(forced, equation, inputs_shape, kernel_shape):
+    kernel = _tensor(kernel_shape, 1).detach()
+    sides, result = equation.split("->")
+    inputs_axes, kernel_axes = sides.split(",")
+    output_shape = tuple(np.einsum(equation, np.zeros(inputs_shape), np.zeros(kernel_shape)).shape)
+    gradient = _tensor(output_shape, 2).detach()
+    actual = onednn.einsum_input_gradient(equation, gradient, kernel)
+    expected = np.einsum(f"{result},{kernel_axes}->{inputs_axes}", gradient.numpy(), kernel.numpy())
+    np.testing.assert_allclose(actual.numpy(), expected, rtol=1e-5, atol=1e-5)

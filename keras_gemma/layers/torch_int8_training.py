@@ -14,7 +14,10 @@ Numbers: the forward products are Keras' own expressions (the kernel dequantized
 are the same products transposed. The int8 weights and scales get no gradient (frozen).
 """
 
+import keras
 from keras import ops
+
+from keras_gemma.layers import torch_onednn_product
 
 
 def backward_equation(equation):
@@ -67,18 +70,33 @@ def _functions():
     def dequantized(kernel, scale, dtype):
         return ops.divide(ops.cast(kernel, dtype), scale)
 
+    def onednn(equation, dtype):
+        # oneDNN where it multiplies `dtype` faster than torch's default (torch_onednn_product.py).
+        return (
+            torch_onednn_product.supports(equation)
+            and torch_onednn_product.suits(keras.backend.standardize_dtype(dtype))
+        )
+
     class Int8Einsum(torch.autograd.Function):
         @staticmethod
         def forward(ctx, inputs, kernel, scale, equation, dtype):
             ctx.save_for_backward(kernel, scale)
             ctx.equation, ctx.dtype = equation, dtype
-            return ops.einsum(equation, inputs, dequantized(kernel, scale, dtype))
+            float_kernel = ops.cast(dequantized(kernel, scale, dtype), inputs.dtype)
+            if onednn(equation, inputs.dtype):
+                return torch_onednn_product.einsum_without_gradient(equation, inputs, float_kernel)
+            return ops.einsum(equation, inputs, float_kernel)
 
         @staticmethod
         def backward(ctx, gradient):
             kernel, scale = ctx.saved_tensors
             float_kernel = ops.cast(dequantized(kernel, scale, ctx.dtype), gradient.dtype)
-            inputs_gradient = ops.einsum(backward_equation(ctx.equation), gradient, float_kernel)
+            if onednn(ctx.equation, gradient.dtype):
+                inputs_gradient = torch_onednn_product.einsum_input_gradient(
+                    ctx.equation, gradient, float_kernel)
+            else:
+                inputs_gradient = ops.einsum(
+                    backward_equation(ctx.equation), gradient, float_kernel)
             return inputs_gradient, None, None, None, None
 
     def block_logits(hidden, table, row_scale, start, stop):

@@ -44,7 +44,11 @@ def runs_here(inputs, kernel, training):
         return False
     if keras.ops.convert_to_tensor(kernel).device.type != "cpu":
         return False
-    dtype = dtypes.pop()
+    return suits(dtypes.pop())
+
+
+def suits(dtype):
+    """Whether CPU products in `dtype` should go through oneDNN here (see `runs_here`)."""
     if dtype == "float32":
         return faster_here()
     if dtype in ("bfloat16", "float16"):
@@ -83,12 +87,37 @@ def einsum(equation, inputs, kernel):
     >>> einsum("btd,fd->btf", torch.ones(1, 3, 4), torch.ones(8, 4)).shape
     torch.Size([1, 3, 8])
     """
+    return _matrix_call(equation, inputs, kernel, linear)
+
+
+def einsum_without_gradient(equation, inputs, kernel):
+    """`einsum` outside autograd, for the forward pass of another autograd Function."""
+    return _matrix_call(equation, inputs, kernel, _linear)
+
+
+def einsum_input_gradient(equation, gradient, kernel):
+    """The inputs' gradient of `einsum(equation, inputs, kernel)` given the output's, outside
+    autograd: `gradient @ kernel` over the kernel's output axes.
+
+    Example:
+    >>> einsum_input_gradient("btd,fd->btf", torch.ones(1, 3, 8), torch.ones(8, 4)).shape
+    torch.Size([1, 3, 4])
+    """
+    batch_axes, output_axes = quantized_products.matrix_form(equation)
+    batch_shape = tuple(gradient.shape[:batch_axes])
+    outputs = math.prod(kernel.shape[:output_axes])
+    weight = kernel.reshape(outputs, -1)
+    rows = _linear(gradient.reshape(math.prod(batch_shape), outputs), weight.t())
+    return rows.reshape(*batch_shape, *kernel.shape[output_axes:])
+
+
+def _matrix_call(equation, inputs, kernel, product):
     batch_axes, output_axes = quantized_products.matrix_form(equation)
     batch_shape = tuple(inputs.shape[:batch_axes])
     output_shape = tuple(kernel.shape[:output_axes])
     rows = inputs.reshape(math.prod(batch_shape), -1)
     weight = kernel.reshape(math.prod(output_shape), -1)
-    return linear(rows, weight).reshape(*batch_shape, *output_shape)
+    return product(rows, weight).reshape(*batch_shape, *output_shape)
 
 
 def supports(equation):
