@@ -74,8 +74,12 @@ def test_int8_lora_layer_saves_no_float_kernel_and_its_gradients_are_right(
     np.testing.assert_allclose(inputs.grad.numpy(), wanted, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("onednn", ["0", "1"])
 @pytest.mark.parametrize("soft_cap", [None, 3.0])
-def test_int8_tied_logits_save_no_float_table_and_their_gradient_is_right(soft_cap):
+def test_int8_tied_logits_save_no_float_table_and_their_gradient_is_right(
+    soft_cap, onednn, monkeypatch
+):
+    monkeypatch.setenv("KERAS_GEMMA_TORCH_ONEDNN", onednn)
     import torch
 
     vocabulary, width = 37, 8

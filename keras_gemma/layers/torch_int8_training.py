@@ -14,9 +14,12 @@ Numbers: the forward products are Keras' own expressions (the kernel dequantized
 are the same products transposed. The int8 weights and scales get no gradient (frozen).
 """
 
+import threading
+
 import keras
 from keras import ops
 
+from keras_gemma.layers import quantized_products
 from keras_gemma.layers import torch_onednn_product
 
 
@@ -61,6 +64,31 @@ def int8_logits(hidden, table, row_scale, soft_cap=None, rows=8192):
     return _functions()[1].apply(hidden, table, row_scale, soft_cap, rows)
 
 
+def float_copy(kernel, dtype):
+    """`kernel` (int8) converted to `dtype` in a buffer this thread reuses: valid until the
+    next call. A fresh 134 MB float copy of a 2B feed-forward kernel took 32 ms, mostly the
+    first touch of new pages; converting into a reused buffer 4.3 ms (torch 2.13, 2 threads).
+    The training products here need one float kernel at a time, so one buffer (the largest
+    kernel's size) serves them all.
+
+    Example:
+    >>> float_copy(keras.ops.ones((8, 4), "int8"), torch.float32).shape
+    torch.Size([8, 4])
+    """
+    import torch
+
+    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
+    buffer = buffers.get(dtype)
+    if buffer is None or buffer.numel() < kernel.numel():
+        buffer = buffers[dtype] = torch.empty(kernel.numel(), dtype=dtype)
+    copy = buffer[: kernel.numel()].view(kernel.shape)
+    copy.copy_(kernel)
+    return copy
+
+
+_SCRATCH = threading.local()
+
+
 def _functions():
     import torch
 
@@ -77,31 +105,44 @@ def _functions():
             and torch_onednn_product.suits(keras.backend.standardize_dtype(dtype))
         )
 
+    def output_scale(equation, kernel, scale):
+        # The per-output-channel scale in the output's trailing shape: dividing the product
+        # (rows x outputs) costs far less than dividing the kernel (outputs x inputs; in the
+        # 2B int8 + LoRA step those divisions took 3 of its 14 seconds).
+        output_axes = quantized_products.matrix_form(equation)[1]
+        return scale.reshape(kernel.shape[:output_axes])
+
     class Int8Einsum(torch.autograd.Function):
         @staticmethod
         def forward(ctx, inputs, kernel, scale, equation, dtype):
             ctx.save_for_backward(kernel, scale)
             ctx.equation, ctx.dtype = equation, dtype
-            float_kernel = ops.cast(dequantized(kernel, scale, dtype), inputs.dtype)
             if onednn(equation, inputs.dtype):
-                return torch_onednn_product.einsum_without_gradient(equation, inputs, float_kernel)
-            return ops.einsum(equation, inputs, float_kernel)
+                product = torch_onednn_product.einsum_without_gradient(
+                    equation, inputs, float_copy(kernel, inputs.dtype))
+                return product / output_scale(equation, kernel, scale).to(inputs.dtype)
+            return ops.einsum(equation, inputs, dequantized(kernel, scale, dtype))
 
         @staticmethod
         def backward(ctx, gradient):
             kernel, scale = ctx.saved_tensors
-            float_kernel = ops.cast(dequantized(kernel, scale, ctx.dtype), gradient.dtype)
             if onednn(ctx.equation, gradient.dtype):
+                scaled = gradient / output_scale(ctx.equation, kernel, scale).to(gradient.dtype)
                 inputs_gradient = torch_onednn_product.einsum_input_gradient(
-                    ctx.equation, gradient, float_kernel)
+                    ctx.equation, scaled, float_copy(kernel, gradient.dtype))
             else:
+                float_kernel = ops.cast(dequantized(kernel, scale, ctx.dtype), gradient.dtype)
                 inputs_gradient = ops.einsum(
                     backward_equation(ctx.equation), gradient, float_kernel)
             return inputs_gradient, None, None, None, None
 
     def block_logits(hidden, table, row_scale, start, stop):
-        block = ops.cast(table[start:stop], hidden.dtype)
-        return ops.divide(ops.matmul(hidden, ops.transpose(block)), row_scale[start:stop])
+        block = float_copy(table[start:stop], hidden.dtype)
+        if onednn("btd,vd->btv", hidden.dtype) and hidden.dim() == 3:
+            product = torch_onednn_product.einsum_without_gradient("btd,vd->btv", hidden, block)
+        else:
+            product = ops.matmul(hidden, ops.transpose(block))
+        return ops.divide(product, row_scale[start:stop])
 
     class Int8Logits(torch.autograd.Function):
         @staticmethod
@@ -128,7 +169,11 @@ def _functions():
                 stop = min(start + ctx.rows, vocabulary)
                 scaled = ops.divide(gradient[..., start:stop], ops.cast(
                     row_scale[start:stop], gradient.dtype))
-                piece = ops.matmul(scaled, ops.cast(table[start:stop], gradient.dtype))
+                block = float_copy(table[start:stop], gradient.dtype)
+                if onednn("btd,vd->btv", gradient.dtype) and gradient.dim() == 3:
+                    piece = torch_onednn_product.einsum_input_gradient("btd,vd->btv", scaled, block)
+                else:
+                    piece = ops.matmul(scaled, block)
                 hidden_gradient = piece if hidden_gradient is None else hidden_gradient + piece
             return hidden_gradient, None, None, None, None
 
