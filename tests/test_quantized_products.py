@@ -113,6 +113,26 @@ def test_dense_products_match_numpy(equation, output_shape, input_shape, mode):
     assert _used_torch_kernels(layer) == (BACKEND == "torch")
 
 
+@pytest.mark.parametrize("rows", [1, 3])
+def test_int8_inputs_not_a_multiple_of_16_keep_the_float_product(rows):
+    # torch's int8 kernel crashed (several rows) or returned garbage (one row) here.
+    layer = GemmaEinsumDense("btd,fd->btf", output_shape=(None, 32))
+    layer.build((None, None, 24))
+    _quantize(layer, "int8")
+    kernel = _dense_kernel(layer, "int8")
+    x = np.random.default_rng(3).normal(size=(1, rows, 24)).astype("float32")
+    _close(to_numpy(layer(x)), np.einsum("btd,fd->btf", x, kernel))
+    assert not _used_torch_kernels(layer)
+    embedding = GemmaReversibleEmbedding(37, 8, tie_weights=True)
+    embedding.build((None,))
+    _quantize(embedding, "int8")
+    table = to_numpy(embedding._embeddings).astype(np.float64) / to_numpy(
+        embedding.embeddings_scale).astype(np.float64)[:, None]
+    hidden = np.random.default_rng(4).normal(size=(1, rows, 8)).astype("float32")
+    _close(to_numpy(embedding(hidden, reverse=True)), hidden @ table.T)
+    assert not _used_torch_kernels(embedding)
+
+
 @pytest.mark.parametrize("mode", sorted(MODES))
 def test_tied_embedding_lookup_and_logits_match_numpy(mode):
     embedding = GemmaReversibleEmbedding(96, 64, tie_weights=True, logit_soft_cap=30.0)

@@ -181,6 +181,10 @@ class GemmaEinsumDense(keras.layers.EinsumDense):
 
     def _int8_product(self, inputs, training=None):
         form = self._torch_form(inputs, training)
+        if form is not None and not quantized_products.int8_supported(
+            math.prod(self._kernel.shape[form[1]:])
+        ):
+            form = None
         if form is None and self._xla_weight_only(training):
             return self._xla_int8(inputs)
         if form is None:

@@ -161,6 +161,14 @@ def int4_weights(layer, name, packed, unpack, scale, zero, dtype, groups_first):
     return prepared(layer, f"{name}/int4/{dtype}", sources, make)
 
 
+def int8_supported(k):
+    """Whether PyTorch's int8 CPU kernel takes rows of `k` inputs. Its AVX-512 code (torch
+    2.13, the EPYC of 2026-12-05) reads 16 inputs at a time: with `k` not a multiple of 16 it
+    crashed the process (several rows) or returned garbage (one row, e.g. 4e33); real Gemma
+    sizes (256, 640, 1152, 2048, ...) are all multiples of 16."""
+    return k % 16 == 0
+
+
 def int4_supported(n, k, block_size):
     """Whether PyTorch's int4 CPU kernel takes an [n, k] matrix in groups of `block_size`
     (None or -1: per channel, run as groups of 32 sharing a scale)."""

@@ -163,7 +163,7 @@ class GemmaReversibleEmbedding(keras.layers.ReversibleEmbedding):
     def _int8_call(self, inputs, reverse=False):
         if not reverse or not self.tie_weights:
             return super()._int8_call(inputs, reverse=reverse)
-        if self._torch_kernels_apply(inputs):
+        if self._torch_kernels_apply(inputs) and quantized_products.int8_supported(self.output_dim):
             # The [vocabulary, hidden] int8 table is the kernel's w [N, K] as stored.
             weights = quantized_products.int8_weights(
                 self, "embeddings", ops.convert_to_tensor(self._embeddings),
