@@ -155,3 +155,16 @@ def test_input_gradient_outside_autograd(forced, equation, inputs_shape, kernel_
     actual = onednn.einsum_input_gradient(equation, gradient, kernel)
     expected = np.einsum(f"{result},{kernel_axes}->{inputs_axes}", gradient.numpy(), kernel.numpy())
     np.testing.assert_allclose(actual.numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_frozen_weight_keeps_no_inputs_for_backward(forced):
+    import torch
+
+    inputs = _tensor((3, 8), 0)
+    frozen = torch.ones(5, 8)
+    output = onednn.linear(inputs, frozen)
+    assert output.grad_fn.saved_tensors[0] is None
+    output.sum().backward()
+    np.testing.assert_allclose(inputs.grad.numpy(), np.full((3, 8), 5.0, "float32"))
+    trained = onednn.linear(inputs, frozen.clone().requires_grad_())
+    assert trained.grad_fn.saved_tensors[0] is inputs

@@ -132,7 +132,9 @@ def _function():
     class OneDNNLinear(torch.autograd.Function):
         @staticmethod
         def forward(ctx, inputs, weight):
-            ctx.save_for_backward(inputs, weight)
+            # A frozen weight (LoRA's base, int8's dequantized copy) needs no inputs for
+            # backward: keeping them would hold every product's activations until then.
+            ctx.save_for_backward(inputs if ctx.needs_input_grad[1] else None, weight)
             return _linear(inputs, weight)
 
         @staticmethod
