@@ -36,12 +36,13 @@ def test_quantize_and_merge_lora_walk_old_objects_once():
         assert seen.count(0) == 1 and seen[-1] == 0
 
 
-def test_an_earlier_freeze_is_left_alone():
-    gc.freeze()
-    try:
-        frozen = gc.get_freeze_count()
-        with one_collection():
-            pass
-        assert gc.get_freeze_count() == frozen
-    finally:
-        gc.unfreeze()
+def test_an_earlier_freeze_is_left_alone(monkeypatch):
+    # Not the exact freeze count: frozen objects may be freed meanwhile (a TensorFlow
+    # background thread freed 2 of ~900,000 in one run).
+    calls = []
+    monkeypatch.setattr(gc, "unfreeze", lambda: calls.append("unfreeze"))
+    monkeypatch.setattr(gc, "freeze", lambda: calls.append("freeze"))
+    monkeypatch.setattr(gc, "get_freeze_count", lambda: 1000)
+    with one_collection():
+        pass
+    assert calls == []
