@@ -168,3 +168,17 @@ def test_a_frozen_weight_keeps_no_inputs_for_backward(forced):
     np.testing.assert_allclose(inputs.grad.numpy(), np.full((3, 8), 5.0, "float32"))
     trained = onednn.linear(inputs, frozen.clone().requires_grad_())
     assert trained.grad_fn.saved_tensors[0] is inputs
+
+
+def test_jit_compiled_training_steps_run(forced):
+    # torch.compile (Keras' jit_compile=True) traces the layers: Inductor gets plain products.
+    keras.utils.set_random_seed(5)
+    backbone = keras_gemma.GemmaBackbone(**tiny_config(vocabulary_size=160))
+    model = keras_gemma.GemmaCausalLM(backbone, compile=False)
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.5),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  jit_compile=True)
+    ids = np.random.default_rng(0).integers(1, 160, size=(2, 9)).astype("int32")
+    x = {"token_ids": ids[:, :-1], "padding_mask": np.ones((2, 8), "int32")}
+    losses = [float(model.train_on_batch(x, ids[:, 1:], return_dict=True)["loss"]) for _ in range(3)]
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]

@@ -77,6 +77,8 @@ def float_copy(kernel, dtype):
     """
     import torch
 
+    if torch.compiler.is_compiling():  # a traced program allocates its own
+        return kernel.to(dtype)
     buffers = _SCRATCH.__dict__.setdefault("buffers", {})
     buffer = buffers.get(dtype)
     if buffer is None or buffer.numel() < kernel.numel():

@@ -49,6 +49,12 @@ def runs_here(inputs, kernel, training):
 
 def suits(dtype):
     """Whether CPU products in `dtype` should go through oneDNN here (see `runs_here`)."""
+    import torch
+
+    if torch.compiler.is_compiling():
+        # `jit_compile=True`: Inductor cannot lower this operator as called here, and it
+        # makes its own products.
+        return False
     if dtype == "float32":
         return faster_here()
     if dtype in ("bfloat16", "float16"):
@@ -67,6 +73,10 @@ def faster_here():
 def _linear(inputs, weight):
     import torch
 
+    if torch.compiler.is_compiling():
+        # Traced by torch.compile (`jit_compile=True`): Inductor cannot lower this operator
+        # with weights that are not constants, and it makes its own products.
+        return torch.nn.functional.linear(inputs, weight)
     return torch.ops.mkldnn._linear_pointwise(inputs, weight, None, "none", [], "")
 
 
