@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(BACKEND != "torch", reason="torch's oneDNN opera
 @pytest.fixture
 def forced(monkeypatch):
     monkeypatch.setenv("KERAS_GEMMA_TORCH_ONEDNN", "1")
-    if not onednn.faster_here():
+    if not onednn.torch_product_choice.onednn_float32_is_faster():
         pytest.skip("this torch build has no oneDNN linear operator")
 
 
@@ -106,7 +106,7 @@ def test_training_steps_equal_the_default_products(forced, monkeypatch):
 
 def test_the_setting_decides(monkeypatch):
     monkeypatch.setenv("KERAS_GEMMA_TORCH_ONEDNN", "0")
-    assert not onednn.faster_here()
+    assert not onednn.torch_product_choice.onednn_float32_is_faster()
     kernel = keras.ops.ones((4, 3))
     assert not onednn.runs_here(keras.ops.ones((2, 3)), kernel, training=True)
     monkeypatch.setenv("KERAS_GEMMA_TORCH_ONEDNN", "1")

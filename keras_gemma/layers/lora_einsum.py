@@ -114,8 +114,8 @@ class GemmaEinsumDense(keras.layers.EinsumDense):
             )
         if (
             plain
-            and torch_onednn_product.supports(self.equation)
             and torch_onednn_product.runs_here(inputs, kernel, training)
+            and torch_onednn_product.supports(self.equation)
         ):
             # MKL's float32 product runs AVX2 code on AMD CPUs (torch_onednn_product.py).
             return torch_onednn_product.einsum(

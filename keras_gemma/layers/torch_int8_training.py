@@ -107,6 +107,10 @@ def _functions():
             and torch_onednn_product.suits(keras.backend.standardize_dtype(dtype))
         )
 
+    def onednn_logits(hidden):
+        # The tied logits "btd,vd->btv" through oneDNN, for [batch, seq, hidden] rows.
+        return hidden.dim() == 3 and onednn("btd,vd->btv", hidden.dtype)
+
     def output_scale(equation, kernel, scale):
         # The per-output-channel scale in the output's trailing shape: dividing the product
         # (rows x outputs) costs far less than dividing the kernel (outputs x inputs; in the
@@ -140,7 +144,7 @@ def _functions():
 
     def block_logits(hidden, table, row_scale, start, stop):
         block = float_copy(table[start:stop], hidden.dtype)
-        if onednn("btd,vd->btv", hidden.dtype) and hidden.dim() == 3:
+        if onednn_logits(hidden):
             product = torch_onednn_product.einsum_without_gradient("btd,vd->btv", hidden, block)
         else:
             product = ops.matmul(hidden, ops.transpose(block))
@@ -172,7 +176,7 @@ def _functions():
                 scaled = ops.divide(gradient[..., start:stop], ops.cast(
                     row_scale[start:stop], gradient.dtype))
                 block = float_copy(table[start:stop], gradient.dtype)
-                if onednn("btd,vd->btv", gradient.dtype) and gradient.dim() == 3:
+                if onednn_logits(gradient):
                     piece = torch_onednn_product.einsum_input_gradient("btd,vd->btv", scaled, block)
                 else:
                     piece = ops.matmul(scaled, block)

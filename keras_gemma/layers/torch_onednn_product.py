@@ -49,25 +49,14 @@ def runs_here(inputs, kernel, training):
 
 def suits(dtype):
     """Whether CPU products in `dtype` should go through oneDNN here (see `runs_here`)."""
-    import torch
-
-    if torch.compiler.is_compiling():
-        # `jit_compile=True`: Inductor cannot lower this operator as called here, and it
-        # makes its own products.
-        return False
     if dtype == "float32":
-        return faster_here()
+        return torch_product_choice.onednn_float32_is_faster()
     if dtype in ("bfloat16", "float16"):
         return (
             torch_product_choice.onednn_available()
             and torch_product_choice.native_sixteen_bit_is_fast(dtype)
         )
     return False
-
-
-def faster_here():
-    """Whether oneDNN's float32 product beats torch's default here (torch_product_choice.py)."""
-    return torch_product_choice.onednn_float32_is_faster()
 
 
 def _linear(inputs, weight):
