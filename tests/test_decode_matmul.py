@@ -18,7 +18,11 @@ from keras_gemma.layers.decode_matmul import decode_matmul
         (1, 16, 16),
     ],
 )
-def test_matches_numpy(rows, in_features, out_features, dtype):
+@pytest.mark.parametrize("onednn", ["1", "0"])  # torch: oneDNN's product or torch's default
+def test_matches_numpy(rows, in_features, out_features, dtype, onednn, monkeypatch):
+    monkeypatch.setenv("KERAS_GEMMA_TORCH_ONEDNN", onednn)
+    if onednn == "1" and keras.backend.backend() != "torch":
+        pytest.skip("the choice is torch's")
     rng = np.random.default_rng(rows + in_features)
     inputs = rng.standard_normal((rows, in_features)).astype("float32")
     kernel = rng.standard_normal((out_features, in_features)).astype("float32")
@@ -67,15 +71,17 @@ def _column_major(variable):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "mixed_bfloat16"])
-def test_torch_lays_out_wide_float32_kernels_column_major(dtype, tmp_path):
-    """On torch, float32 kernels with more outputs than inputs (the tied embedding, the
-    query and gating projections here) are stored column-major, built or loaded, and give
-    the same logits; the others, and every 16-bit kernel, stay row-major. Elsewhere the
-    preset round trip alone is checked (in float32, for CI time)."""
+def test_torch_lays_out_wide_float32_kernels_column_major(dtype, tmp_path, monkeypatch):
+    """On torch with its default product (not oneDNN's), float32 kernels with more outputs
+    than inputs (the tied embedding, the query and gating projections here) are stored
+    column-major, built or loaded, and give the same logits; the others, and every 16-bit
+    kernel, stay row-major. Elsewhere the preset round trip alone is checked (in float32,
+    for CI time)."""
     from conftest import tiny_config
 
     if keras.backend.backend() != "torch" and dtype != "float32":
         pytest.skip("the 16-bit cases check torch's memory layout")
+    monkeypatch.setenv("KERAS_GEMMA_TORCH_ONEDNN", "0")
 
     from keras_gemma import GemmaBackbone
 
@@ -107,3 +113,45 @@ def test_torch_lays_out_wide_float32_kernels_column_major(dtype, tmp_path):
         expected = {v.path for v in kernels if v.path.endswith(wide)} if dtype == "float32" else set()
         assert laid_out == expected
         assert all(v.value.is_contiguous() for v in kernels if v.path not in expected)
+
+
+def test_torch_decodes_through_onednn_with_row_major_kernels(monkeypatch):
+    """Where oneDNN's product is chosen for decoding (it uses every torch thread, torch's
+    default float32 matrix-vector product one), the kernels stay row-major, the traced decode
+    step replays oneDNN's operator inlined (no TorchScript call left), and the greedy ids
+    equal those decoded through torch's default product with column-major kernels, and the
+    argmax of a full forward pass without a cache."""
+    if keras.backend.backend() != "torch":
+        pytest.skip("torch's product choice")
+    from conftest import tiny_config
+
+    from keras_gemma import GemmaBackbone, GemmaCausalLM
+    from keras_gemma.generation.torch_step import TracedStep
+
+    def decoded(onednn):
+        monkeypatch.setenv("KERAS_GEMMA_TORCH_ONEDNN", onednn)
+        backbone = GemmaBackbone(**tiny_config(head_dim=16, intermediate_dim=128))
+        rng = np.random.default_rng(0)
+        for variable in backbone.weights:
+            variable.assign(rng.normal(0, 0.3, variable.shape).astype("float32"))
+        lm = GemmaCausalLM(backbone)
+        token_ids = np.zeros((1, 12), "int32")
+        token_ids[0, :3] = [2, 7, 11]
+        prompt = {"token_ids": token_ids, "padding_mask": token_ids != 0}
+        ids = to_numpy(lm.generate(prompt, stop_token_ids=None)["token_ids"])
+        steps = [f for f in lm.generator._functions.values() if isinstance(f, TracedStep)]
+        return lm, ids, steps[0].graph
+
+    lm, ids, graph = decoded("1")
+    kinds = [node.kind() for node in graph.nodes()]
+    assert kinds.count("mkldnn::_linear_pointwise") >= 7  # 6 projections a block + logits
+    assert "prim::CallFunction" not in kinds
+    assert all(v.value.is_contiguous() for v in lm.backbone.weights)
+    _, default_ids, default_graph = decoded("0")
+    assert "mkldnn::_linear_pointwise" not in [node.kind() for node in default_graph.nodes()]
+    np.testing.assert_array_equal(ids, default_ids)
+    logits = lm.backbone.token_embedding(
+        lm.backbone({"token_ids": ids[:, :-1], "padding_mask": np.ones((1, 11), "int32")}),
+        reverse=True,
+    )
+    np.testing.assert_array_equal(ids[0, 3:], np.argmax(to_numpy(logits)[0, 2:], axis=-1))

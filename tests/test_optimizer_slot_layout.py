@@ -14,8 +14,9 @@ def _trained(monkeypatch, lay_out):
             "keras_gemma.causal_lm.lay_out_slots_like_variables", lambda *args: None
         )
     keras.utils.set_random_seed(7)
-    # Vocabulary and FFN wider than hidden: on torch their float32 kernels are stored
-    # column-major (decode_matmul.lay_out_for_decode).
+    # Vocabulary and FFN wider than hidden: on torch with its default decode product their
+    # float32 kernels are stored column-major (decode_matmul.lay_out_for_decode).
+    monkeypatch.setenv("KERAS_GEMMA_TORCH_ONEDNN", "0")
     backbone = keras_gemma.GemmaBackbone(**tiny_config(vocabulary_size=160))
     model = keras_gemma.GemmaCausalLM(backbone, compile=False)
     model.compile(

@@ -191,6 +191,12 @@ def simplified(traced):
     import torch
 
     graph = traced.graph.copy()
+    # TorchScript functions called while tracing (torch_onednn_product's oneDNN product) are
+    # recorded as calls; inlined, they replay without the call's overhead.
+    torch._C._jit_pass_inline(graph)
+    for node in list(graph.nodes()):
+        if node.kind() == "mkldnn::_linear_pointwise":
+            _give_linear_output_its_type(node)
     for node in list(graph.nodes()):
         if node.kind() == "aten::to" and _returns_its_input(node):
             node.output().replaceAllUsesWith(next(node.inputs()))
@@ -208,6 +214,20 @@ def simplified(traced):
     torch._C._jit_pass_constant_propagation(graph)
     torch._C._jit_pass_dce(graph)
     return torch._C._create_function_from_graph("decode_step", graph)
+
+
+def _give_linear_output_its_type(node):
+    """Types an inlined oneDNN product's output [rows, out] like its input (the function's
+    own graph says only "Tensor"), so that the `aten::to` passes below can see through it."""
+    import torch
+
+    inputs, weight = (value.type() for value in list(node.inputs())[:2])
+    if not all(isinstance(t, torch._C.TensorType) for t in (inputs, weight)):
+        return
+    input_sizes, weight_sizes = inputs.sizes(), weight.sizes()
+    if not input_sizes or not weight_sizes or inputs.dtype() is None:
+        return
+    node.output().setType(inputs.with_sizes(list(input_sizes[:-1]) + [weight_sizes[0]]))
 
 
 def _returns_its_input(node):

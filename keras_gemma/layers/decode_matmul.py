@@ -34,6 +34,10 @@ def decode_matmul(inputs, kernel):
     (1, 3)
     """
     backend = keras.backend.backend()
+    if backend == "torch" and _onednn_takes(inputs, kernel):
+        from keras_gemma.layers.torch_onednn_product import linear_outside_autograd
+
+        return linear_outside_autograd(inputs, kernel)
     if backend == "torch" or keras.backend.standardize_dtype(kernel.dtype) == "float32":
         return ops.transpose(ops.matmul(kernel, ops.transpose(inputs)))
     out_features, in_features = kernel.shape
@@ -47,6 +51,23 @@ def decode_matmul(inputs, kernel):
         )
         total = part if total is None else total + part
     return total
+
+
+def _onednn_takes(inputs, kernel):
+    """Whether a torch decode product goes through oneDNN: float32 on a CPU where it is
+    measured faster (torch_product_choice.onednn_decode_is_faster), the kernel row-major."""
+    import torch
+
+    from keras_gemma.layers import torch_product_choice
+
+    return (
+        kernel.dtype == torch.float32
+        and inputs.dtype == torch.float32
+        and kernel.device.type == "cpu"
+        and kernel.is_contiguous()
+        and not (torch.is_grad_enabled() and kernel.requires_grad)  # not differentiable
+        and torch_product_choice.onednn_decode_is_faster()
+    )
 
 
 def lay_out_for_decode(variable, input_axes, compute_dtype):
@@ -81,9 +102,13 @@ def lay_out_for_decode(variable, input_axes, compute_dtype):
         return
     import torch
 
+    from keras_gemma.layers import torch_product_choice
+
     value = getattr(variable, "_value", None)
     if value is None or value.dtype != torch.float32 or value.device.type != "cpu":
         return
+    if torch_product_choice.onednn_decode_is_faster():
+        return  # oneDNN reads row-major weights fastest (see `decode_matmul`)
     if keras.backend.standardize_dtype(compute_dtype) != "float32":
         return
     shape = tuple(value.shape)

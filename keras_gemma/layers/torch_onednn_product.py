@@ -59,14 +59,37 @@ def suits(dtype):
     return False
 
 
-def _linear(inputs, weight):
+def linear_outside_autograd(inputs, weight):
+    """`inputs @ weight.T` through oneDNN, not differentiable: decode steps (under no_grad)
+    and the insides of autograd Functions.
+
+    Example:
+    >>> linear_outside_autograd(torch.ones(1, 4), torch.ones(5, 4)).shape
+    torch.Size([1, 5])
+    """
     import torch
 
     if torch.compiler.is_compiling():
         # Traced by torch.compile (`jit_compile=True`): Inductor cannot lower this operator
         # with weights that are not constants, and it makes its own products.
         return torch.nn.functional.linear(inputs, weight)
+    if torch.jit.is_tracing():
+        # torch.jit.trace cannot record the operator's empty `Scalar?[]` argument; a
+        # TorchScript function can (torch_step.simplified inlines the call).
+        return _scripted_linear()(inputs, weight)
     return torch.ops.mkldnn._linear_pointwise(inputs, weight, None, "none", [], "")
+
+
+@functools.lru_cache(maxsize=None)
+def _scripted_linear():
+    import torch
+
+    source = (
+        "def onednn_linear(inputs: Tensor, weight: Tensor) -> Tensor:\n"
+        "    scalars: List[Optional[number]] = []\n"
+        '    return torch.ops.mkldnn._linear_pointwise(inputs, weight, None, "none", scalars, "")\n'
+    )
+    return torch.jit.CompilationUnit(source).onednn_linear
 
 
 def linear(inputs, weight):
@@ -91,7 +114,7 @@ def einsum(equation, inputs, kernel):
 
 def einsum_without_gradient(equation, inputs, kernel):
     """`einsum` outside autograd, for the forward pass of another autograd Function."""
-    return _matrix_call(equation, inputs, kernel, _linear)
+    return _matrix_call(equation, inputs, kernel, linear_outside_autograd)
 
 
 def einsum_input_gradient(equation, gradient, kernel):
@@ -106,7 +129,7 @@ def einsum_input_gradient(equation, gradient, kernel):
     batch_shape = tuple(gradient.shape[:batch_axes])
     outputs = math.prod(kernel.shape[:output_axes])
     weight = kernel.reshape(outputs, -1)
-    rows = _linear(gradient.reshape(math.prod(batch_shape), outputs), weight.t())
+    rows = linear_outside_autograd(gradient.reshape(math.prod(batch_shape), outputs), weight.t())
     return rows.reshape(*batch_shape, *kernel.shape[output_axes:])
 
 
@@ -134,16 +157,16 @@ def _function():
             # A frozen weight (LoRA's base, int8's dequantized copy) needs no inputs for
             # backward: keeping them would hold every product's activations until then.
             ctx.save_for_backward(inputs if ctx.needs_input_grad[1] else None, weight)
-            return _linear(inputs, weight)
+            return linear_outside_autograd(inputs, weight)
 
         @staticmethod
         def backward(ctx, gradient):
             inputs, weight = ctx.saved_tensors
             inputs_gradient = weight_gradient = None
             if ctx.needs_input_grad[0]:
-                inputs_gradient = _linear(gradient, weight.t())
+                inputs_gradient = linear_outside_autograd(gradient, weight.t())
             if ctx.needs_input_grad[1]:
-                weight_gradient = _linear(gradient.t(), inputs.t())
+                weight_gradient = linear_outside_autograd(gradient.t(), inputs.t())
             return inputs_gradient, weight_gradient
 
     return OneDNNLinear

@@ -38,6 +38,32 @@ def onednn_float32_is_faster():
     return _onednn_measured()
 
 
+def onednn_decode_is_faster():
+    """Whether float32 decode products (one row times a weight read from memory) should go
+    through oneDNN with the weight row-major, rather than torch's default product with wide
+    weights stored column-major (decode_matmul.lay_out_for_decode).
+
+    torch's default float32 matrix-vector product (MKL) runs on one thread whatever
+    `torch.set_num_threads` says; oneDNN's uses them all. Measured on the AVX-512 EPYC of
+    2026-12-06 (torch 2.13, batch 1, weights not cache-resident, ms per product):
+
+                                 1 thread: MKL col-major / oneDNN   2 threads: MKL / oneDNN
+        262144 x 640 (logits)    24.1 / 23.7                        23.5 / 11.7
+        2048 x 640 (gating)      0.180 / 0.186                      0.204 / 0.083
+        640 x 2048 (down)        0.228 / 0.169                      0.270 / 0.134
+        1024 x 640 (query)       0.065 / 0.075                      0.077 / 0.031
+
+    So the answer depends on the thread count: it is timed once per process, with the
+    threads torch has when the first model is built (the memory order is chosen then), on a
+    [16384, 640] product over weights larger than the last-level cache.
+    `KERAS_GEMMA_TORCH_ONEDNN=1` or `0` decides instead, as for training products.
+    """
+    forced = _forced("KERAS_GEMMA_TORCH_ONEDNN")
+    if forced is not None:
+        return forced and onednn_available()
+    return _onednn_decode_measured()
+
+
 def native_sixteen_bit_is_fast(dtype):
     """Whether `dtype` ("bfloat16" or "float16") products should run in that dtype, rather
     than in float32 arithmetic (torch_sixteen_bit_training.py)."""
@@ -93,6 +119,27 @@ def _onednn_measured():
     default = _best_seconds(lambda: inputs @ weight.T)
     onednn = _best_seconds(lambda: torch.ops.mkldnn._linear_pointwise(
         inputs, weight, None, "none", [], ""))
+    return default >= MARGIN * onednn
+
+
+@functools.lru_cache(maxsize=None)
+def _onednn_decode_measured():
+    if not onednn_available():
+        return False
+    import torch
+
+    # Four distinct 42 MB weights, so that every product reads its weight from memory; the
+    # values do not matter to the speed (filled, not random: randn would take ~0.5 s).
+    row_major = [torch.full((16384, 640), 0.01 * (i + 1)) for i in range(4)]
+    column_major = [w.t().contiguous().t() for w in row_major]
+    inputs = torch.full((1, 640), 0.5)
+
+    def each(product, weights):
+        return lambda: [product(w) for w in weights]
+
+    default = _best_seconds(each(lambda w: w @ inputs.T, column_major))
+    onednn = _best_seconds(each(
+        lambda w: torch.ops.mkldnn._linear_pointwise(inputs, w, None, "none", [], ""), row_major))
     return default >= MARGIN * onednn
 
 
