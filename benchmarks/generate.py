@@ -12,8 +12,10 @@ Usage:
     python benchmarks/generate.py --shapes 2b --dtypes float32,bfloat16 --new-tokens 8
     python benchmarks/generate.py --shapes 2b --dtypes int8,int4 --implementations keras_gemma
 
-dtypes "int8" and "int4" load the float32 checkpoint and call the model's `quantize(mode)`
-(peak RSS then includes the float32 model).
+dtypes "int8" and "int4": KerasHub loads the float32 checkpoint and calls `quantize(mode)`
+(its peak RSS then includes the float32 model); keras_gemma loads its own preset of the same
+weights with `from_preset(..., quantize=mode)`, which quantizes each weight as it is read
+and never holds the float32 model (the way a user with little memory loads it).
 """
 
 import argparse
@@ -29,7 +31,7 @@ from load_memory import SHAPES, write_checkpoints  # noqa: E402
 CHILD = r"""
 import json, os, resource, sys, time
 import numpy as np
-implementation, path, dtype, prompt_length, new_tokens, repeats = sys.argv[1:7]
+implementation, path, ours_path, dtype, prompt_length, new_tokens, repeats = sys.argv[1:8]
 prompt_length, new_tokens, repeats = int(prompt_length), int(new_tokens), int(repeats)
 import keras
 if keras.backend.backend() == "torch":
@@ -42,12 +44,16 @@ if implementation == "keras_hub":
     import keras_hub
     backbone = keras_hub.models.GemmaBackbone.from_preset(path, dtype=dtype)
     model = keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
+    if quantize:
+        model.quantize(quantize)
+elif quantize:
+    import keras_gemma
+    backbone = keras_gemma.GemmaBackbone.from_preset(ours_path, dtype=dtype, quantize=quantize)
+    model = keras_gemma.GemmaCausalLM(backbone)
 else:
     import keras_gemma
     backbone = keras_gemma.GemmaBackbone.from_preset(path, dtype=dtype)
     model = keras_gemma.GemmaCausalLM(backbone)
-if quantize:
-    model.quantize(quantize)
 vocabulary = backbone.vocabulary_size
 rng = np.random.default_rng(0)
 
@@ -81,9 +87,9 @@ print("RESULT " + json.dumps(results))
 """
 
 
-def run_child(implementation, path, dtype, backend, args):
+def run_child(implementation, path, ours_path, dtype, backend, args):
     environment = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
-    command = [sys.executable, "-c", CHILD, implementation, path, dtype,
+    command = [sys.executable, "-c", CHILD, implementation, path, ours_path, dtype,
                str(args.prompt), str(args.new_tokens), str(args.repeats)]
     return child_process.run_child(command, environment)
 
@@ -105,12 +111,13 @@ def main():
     os.environ.setdefault("KERAS_BACKEND", args.backends.split(",")[0])
     rows = []
     for shape in args.shapes.split(","):
-        keras_hub_dir, _ = write_checkpoints(os.path.join(args.dir, shape), SHAPES[shape])
+        keras_hub_dir, ours_dir = write_checkpoints(os.path.join(args.dir, shape), SHAPES[shape])
         for dtype in args.dtypes.split(","):
             for backend in args.backends.split(","):
                 found = {}
                 for implementation in args.implementations.split(","):
-                    result = run_child(implementation, keras_hub_dir, dtype, backend, args)
+                    result = run_child(implementation, keras_hub_dir, ours_dir, dtype, backend,
+                                       args)
                     found[implementation] = result
                     print(f"{shape} {dtype} {backend} {implementation}: {json.dumps(result)}",
                           flush=True)

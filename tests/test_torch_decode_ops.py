@@ -72,25 +72,30 @@ def _traced_step(lm):
 
 
 def _aten_ops(graph):
-    return collections.Counter(n.kind() for n in graph.nodes() if n.kind().startswith("aten::"))
+    # oneDNN's product (`mkldnn::`, decode_matmul's choice with several torch threads) too.
+    return collections.Counter(
+        n.kind() for n in graph.nodes() if n.kind().startswith(("aten::", "mkldnn::")))
 
 
 def _per_block(few, many):
     return (sum(many.values()) - sum(few.values())) / (MANY - FEW)
 
 
+@pytest.mark.parametrize("onednn", ["0", "1"])  # torch's default products, or oneDNN's
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_traced_decode_step_replays_at_most_150_ops_per_decoder_block(dtype):
+def test_traced_decode_step_replays_at_most_150_ops_per_decoder_block(dtype, onednn,
+                                                                     monkeypatch):
     if BACKEND != "torch":
         pytest.skip("aten ops are torch's; JAX and TensorFlow compile the step into one "
                     "program (their cache writes are checked below)")
+    monkeypatch.setenv("KERAS_GEMMA_TORCH_ONEDNN", onednn)
     few, many = _traced_step(_gemma3_lm(FEW, dtype)), _traced_step(_gemma3_lm(MANY, dtype))
     recorded = _per_block(_aten_ops(few.recorded_graph), _aten_ops(many.recorded_graph))
     replayed_few, replayed_many = _aten_ops(few.graph), _aten_ops(many.graph)
     replayed = _per_block(replayed_few, replayed_many)
     kinds = {k: (replayed_many[k] - replayed_few[k]) / (MANY - FEW) for k in replayed_many}
     print(
-        f"\n{dtype}: aten ops per Gemma 3 decoder block: {OPS_PER_BLOCK_BEFORE} before issue 16"
+        f"\n{dtype}, oneDNN {onednn}: aten ops per Gemma 3 decoder block: {OPS_PER_BLOCK_BEFORE} before issue 16"
         f" (float32), {recorded:.1f} recorded by jit.trace, {replayed:.1f} replayed; "
         + ", ".join(f"{k[6:]} {v:.1f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])
                     if v)

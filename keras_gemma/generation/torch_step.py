@@ -47,6 +47,7 @@ import warnings
 import keras
 from keras import tree
 
+from keras_gemma.layers import shared_rows
 from keras_gemma.layers.kv_cache import cache_writes_in_place
 
 
@@ -78,6 +79,7 @@ class TracedStep:
         self._failed = not tracing_enabled()
         self._output_structure = None
         self._frozen = ()  # (index, tensor, version) of the non-trainable values traced
+        self._shared_rows = ()  # positions of weights the step reads as one buffer
         # Threads generating at once trace a new step once: the others wait for it.
         self._trace_lock = threading.Lock()
 
@@ -91,8 +93,11 @@ class TracedStep:
         return self._variable_list
 
     def _stale(self, values):
-        """Whether a non-trainable value changed since the trace (a new tensor or a write)."""
-        return any(values[i] is not t or t._version != version for i, t, version in self._frozen)
+        """Whether a non-trainable value changed since the trace (a new tensor or a write), or
+        weights the step reads as one buffer (shared_rows.py) no longer lie in one."""
+        if any(values[i] is not t or t._version != version for i, t, version in self._frozen):
+            return True
+        return not shared_rows.still_consecutive(self._shared_rows, values)
 
     def __call__(self, *arguments):
         if self._failed:
@@ -128,7 +133,7 @@ class TracedStep:
                 warnings.simplefilter("ignore", DeprecationWarning)
                 # The caches passed in are the Generator's, replaced by the step's outputs:
                 # the step may write them in place (recorded as such in the graph).
-                with cache_writes_in_place():
+                with cache_writes_in_place(), shared_rows.recording_groups(values) as groups:
                     self._traced = torch.jit.trace(
                         flat_function, tuple(values) + tuple(flat), check_trace=False
                     )
@@ -137,6 +142,7 @@ class TracedStep:
             self._failed = True
             return
         self.recorded_graph = self.graph = self._traced.graph
+        self._shared_rows = shared_rows.checked_groups(groups, values)
         self._frozen = tuple(
             (i, values[i], values[i]._version) for i in range(self._first_frozen, len(values))
         )

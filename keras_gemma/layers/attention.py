@@ -11,6 +11,8 @@ from keras_gemma.layers.lora_einsum import GemmaEinsumDense
 from keras_gemma.layers.normalization import RMSNormalization
 from keras_gemma.layers.rotary import apply_rotary
 from keras_gemma.layers.rotary import rotary_tables
+from keras_gemma.layers.shared_rows import decode_products
+from keras_gemma.layers.shared_rows import share_rows
 
 # Masked logits get this value rather than -inf, so a row with every key masked gives a
 # uniform (finite) distribution instead of NaN.
@@ -243,6 +245,8 @@ class GemmaAttention(keras.layers.Layer):
             name="value",
         )
         self.value_dense.build(input_shape)
+        # torch: one decode product for the three (shared_rows.py).
+        share_rows([self.query_dense._kernel, self.key_dense._kernel, self.value_dense._kernel])
         self.output_dense = GemmaEinsumDense(
             "btnh,dnh->btd",
             output_shape=(None, hidden_dim),
@@ -303,9 +307,17 @@ class GemmaAttention(keras.layers.Layer):
         rows = None
         if inputs.shape[1] == 1 and inputs.shape[0] is not None:
             rows = ops.reshape(inputs, (inputs.shape[0], inputs.shape[2]))
-        query = _project_to_heads(self.query_dense, inputs, rows, training)
-        key = _project_to_heads(self.key_dense, inputs, rows, training)
-        value = _project_to_heads(self.value_dense, inputs, rows, training)
+        denses = (self.query_dense, self.key_dense, self.value_dense)
+        if rows is not None and all(is_decode_step(dense, inputs) for dense in denses):
+            products = decode_products(
+                rows, [ops.cast(dense.kernel, dense.compute_dtype) for dense in denses])
+            query, key, value = (
+                ops.reshape(product, (rows.shape[0], 1, -1, self.head_dim))
+                for product in products
+            )
+        else:
+            query, key, value = (
+                _project_to_heads(dense, inputs, rows, training) for dense in denses)
         if self.use_query_key_norm:
             query = self.query_norm(query)
             key = self.key_norm(key)

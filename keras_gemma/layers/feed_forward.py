@@ -14,6 +14,8 @@ from keras_gemma.layers.decode_matmul import is_decode_step
 from keras_gemma.layers.gated_gelu import gated_gelu
 from keras_gemma.layers.initialization import initializer
 from keras_gemma.layers.lora_einsum import GemmaEinsumDense
+from keras_gemma.layers.shared_rows import decode_products
+from keras_gemma.layers.shared_rows import share_rows
 
 
 def feed_forward_projections(hidden_dim, intermediate_dim, dtype):
@@ -48,6 +50,7 @@ def feed_forward_projections(hidden_dim, intermediate_dim, dtype):
 def build_feed_forward(gating, gating_2, linear, input_shape):
     gating.build(input_shape)
     gating_2.build(input_shape)
+    share_rows([gating._kernel, gating_2._kernel])  # torch: one decode product for both
     linear.build((None, None, gating.kernel.shape[0]))
 
 
@@ -64,9 +67,9 @@ def gated_feed_forward(gating, gating_2, linear, inputs, training=None):
         return linear(gated_gelu(gate, gating_2(inputs, training=training)), training=training)
     rows = ops.reshape(inputs, (inputs.shape[0], inputs.shape[2]))
 
-    def project(dense, values):
-        return decode_matmul(values, ops.cast(dense.kernel, dense.compute_dtype))
+    def kernel(dense):
+        return ops.cast(dense.kernel, dense.compute_dtype)
 
-    gate = keras.activations.gelu(project(gating, rows), approximate=True)
-    output = project(linear, gate * project(gating_2, rows))
+    gate, up = decode_products(rows, [kernel(gating), kernel(gating_2)])
+    output = decode_matmul(keras.activations.gelu(gate, approximate=True) * up, kernel(linear))
     return ops.expand_dims(output, 1)

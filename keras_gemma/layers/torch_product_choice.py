@@ -53,15 +53,20 @@ def onednn_decode_is_faster():
         640 x 2048 (down)        0.228 / 0.169                      0.270 / 0.134
         1024 x 640 (query)       0.065 / 0.075                      0.077 / 0.031
 
-    So the answer depends on the thread count: it is timed once per process, with the
-    threads torch has when the first model is built (the memory order is chosen then), on a
-    [16384, 640] product over weights larger than the last-level cache.
-    `KERAS_GEMMA_TORCH_ONEDNN=1` or `0` decides instead, as for training products.
+    So the answer depends on the thread count. With one thread the two are as fast, a timing
+    would pick either by chance, and the answer is no (torch's default, as before oneDNN was
+    considered). With more, it is timed once per process, with the threads torch has when
+    the first model is built (the memory order is chosen then), on a [16384, 640] product
+    over weights larger than the last-level cache. `KERAS_GEMMA_TORCH_ONEDNN=1` or `0`
+    decides instead, as for training products.
     """
+    import torch
+
     forced = _forced("KERAS_GEMMA_TORCH_ONEDNN")
     if forced is not None:
         return forced and onednn_available()
-    return _onednn_decode_measured()
+    threads = torch.get_num_threads()
+    return threads > 1 and _onednn_decode_measured(threads)
 
 
 def native_sixteen_bit_is_fast(dtype):
@@ -123,7 +128,7 @@ def _onednn_measured():
 
 
 @functools.lru_cache(maxsize=None)
-def _onednn_decode_measured():
+def _onednn_decode_measured(threads):
     if not onednn_available():
         return False
     import torch
