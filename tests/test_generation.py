@@ -76,6 +76,28 @@ def test_bfloat16_weights_decode_from_python_on_jax():
     assert output["padding_mask"][:, :20].all()
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_int8_weights_decode_from_python_on_jax_and_int4_in_one_loop(mode):
+    """int8 weights decode a step per call on JAX's CPU (one loop hoisted their float32
+    conversions: more memory and slower); int4 keeps the one loop (a step per call would
+    unpack every weight each step). Both decode what the same model gives in one loop."""
+    from keras_gemma.generation.generator import Generator
+
+    quantized = _tiny_lm()
+    quantized.quantize(mode)
+    backend = keras.backend.backend()
+    on_jax_cpu = backend == "jax" and xla_runs_on_cpu()
+    expected = backend == "torch" or (on_jax_cpu and mode == "int8")
+    assert quantized.generator._steps_from_python() == expected
+    prompt = _prompt((3, 5), 20)
+    output = quantized.generate(prompt, stop_token_ids=None)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Generator, "_steps_from_python", lambda self: not expected)
+        quantized.generator.reset()
+        other = quantized.generate(prompt, stop_token_ids=None)
+    np.testing.assert_array_equal(output["token_ids"], other["token_ids"])
+
+
 def test_an_accelerator_keeps_one_compiled_loop_for_16_bit_weights(monkeypatch):
     # The Python-driven loop works around XLA's CPU dot; with an accelerator JAX compiles
     # the whole loop again, and decode_matmul uses the plain product.
