@@ -23,6 +23,9 @@ def test_matches_numpy(rows, in_features, out_features, dtype, onednn, monkeypat
     monkeypatch.setenv("KERAS_GEMMA_TORCH_ONEDNN", onednn)
     if onednn == "1" and keras.backend.backend() != "torch":
         pytest.skip("the choice is torch's")
+    import keras_gemma.layers.decode_matmul as decode_matmul_module
+
+    monkeypatch.setattr(decode_matmul_module, "ONEDNN_SMALLEST_KERNEL_BYTES", 0)
     rng = np.random.default_rng(rows + in_features)
     inputs = rng.standard_normal((rows, in_features)).astype("float32")
     kernel = rng.standard_normal((out_features, in_features)).astype("float32")
@@ -127,6 +130,11 @@ def test_torch_decodes_through_onednn_with_row_major_kernels(monkeypatch):
 
     from keras_gemma import GemmaBackbone, GemmaCausalLM
     from keras_gemma.generation.torch_step import TracedStep
+
+    import keras_gemma.layers.decode_matmul as decode_matmul_module
+
+    # The tiny kernels are below the size where oneDNN pays: take it for every product here.
+    monkeypatch.setattr(decode_matmul_module, "ONEDNN_SMALLEST_KERNEL_BYTES", 0)
 
     def decoded(onednn):
         monkeypatch.setenv("KERAS_GEMMA_TORCH_ONEDNN", onednn)

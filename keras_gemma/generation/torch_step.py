@@ -104,7 +104,7 @@ class TracedStep:
             return self.function(*arguments)
         variables = self._variables()
         values = current_values(variables)
-        flat = tree.flatten(arguments)
+        flat = _flatten(arguments)
         if self._traced is None or self._stale(values):
             with self._trace_lock:
                 if self._traced is None or self._stale(values):
@@ -112,7 +112,7 @@ class TracedStep:
             if self._failed:
                 return self.function(*arguments)
         outputs = self._traced(*values, *flat)
-        return tree.pack_sequence_as(self._output_structure, list(outputs))
+        return _packed(self._output_structure, iter(outputs))
 
     def _trace(self, variables, values, arguments, flat):
         import torch
@@ -151,6 +151,27 @@ class TracedStep:
             self.graph = self._traced.graph
         except Exception as error:  # a torch without these internals: keep the plain trace
             warnings.warn(f"could not simplify the traced decode step ({error}).")
+
+
+def _flatten(structure):
+    """The tensors of nested lists/tuples, in order (`keras.tree.flatten` for the decode
+    step's arguments, which are nothing else: ~0.1 ms less a step than the general one)."""
+    if isinstance(structure, (list, tuple)):
+        return [leaf for item in structure for leaf in _flatten(item)]
+    if structure is None or isinstance(structure, dict):
+        return tree.flatten(structure)
+    return [structure]
+
+
+def _packed(structure, leaves):
+    """`keras.tree.pack_sequence_as(structure, list(leaves))` for nested lists/tuples."""
+    if isinstance(structure, (list, tuple)):
+        items = [_packed(item, leaves) for item in structure]
+        return type(structure)(*items) if hasattr(structure, "_fields") else type(structure)(items)
+    if structure is None or isinstance(structure, dict):
+        count = len(tree.flatten(structure))
+        return tree.pack_sequence_as(structure, [next(leaves) for _ in range(count)])
+    return next(leaves)
 
 
 def current_values(variables):
