@@ -26,7 +26,12 @@ GB/s (every form: W @ x.T, x @ W.T, F.linear, mv) where XLA reads ~20. That was 
 order: stored column-major, the wide kernels (the 270M's tied logits above all) read at
 XLA's speed (decode_matmul.lay_out_for_decode; 1.31x end to end, and torch float32 then
 decodes the 270M as fast as JAX float32 on one core: 11.1 vs 10.4 and 10.5 vs 8.6 tok/s,
-interleaved, both pinned to one core of the shared machine, 2026-12-01). With as many torch
+interleaved, both pinned to one core of the shared machine, 2026-12-01). With two threads
+that product stays on one (MKL); oneDNN's uses both (decode_matmul.py), and the step makes
+four products a block instead of seven (shared_rows.py): on the AVX-512 EPYC of 2026-12-06,
+2 threads, the 270M in float32 went from 20.3 to ~36-40 tok/s (see the issue 16 note for
+the run against JAX). The Python around each replay (flattening the arguments, reading the
+done flags) is kept to a few microseconds: the tiny benchmark shape's token 0.53 -> 0.36 ms. With as many torch
 threads as cores, any busy neighbour halves torch (OpenMP threads spin-wait for the
 descheduled one: 11.1 -> 5.9 tok/s; OMP_WAIT_POLICY=PASSIVE 10.9; one thread 12.1); with two
 other processes busy, 2 threads fell to ~1 tok/s where JAX kept 8-9.

@@ -13,10 +13,14 @@ memory bandwidth, and how fast it runs depends on the exact formulation (measure
   contracting both last axes does not (~1 GB/s); for in > out the sum of (out x out) chunks
   keeps the good form: 16 ms for the FFN, against 122 ms for a (in, out) kernel. So bfloat16
   runs at float32 speed here, not twice it (see generator.py for what it does to memory).
-- PyTorch (oneDNN): `W @ x.T` 27-42 GB/s in float32 and bfloat16 (a (in, out) kernel in
-  bfloat16: ~12 GB/s). That was an AVX-512 CPU; on the AVX2-only EPYC of 2026-12-01, torch's
-  float32 product (MKL) depends on the memory order more than on the formulation: see
-  `lay_out_for_decode`.
+- PyTorch: torch's default float32 matrix-vector product (MKL) runs on one thread
+  whatever `torch.set_num_threads` says, and reads a (out, in) matrix with short rows fastest
+  stored column-major (`lay_out_for_decode`); oneDNN's (`torch.ops.mkldnn._linear_pointwise`)
+  reads it row-major and uses every thread: the 270M's 262144 x 640 logits 23.5 -> 11.7 ms at
+  2 threads on the AVX-512 EPYC of 2026-12-06 (~57 GB/s), the same at one thread. So float32
+  kernels of at least 1 MiB go through oneDNN where torch_product_choice says it is faster
+  (then no kernel is laid out column-major), everything else through one `F.linear`. The
+  projections that read the same rows share one product (shared_rows.py).
 """
 
 import functools
