@@ -212,3 +212,21 @@ def test_rotary_tables_reach_a_16_bit_model_in_float32(dtype, monkeypatch):
     lm = _gemma3_lm(2, dtype)
     lm.call_with_cache(np.zeros((1, 3), "int32"), lm.empty_cache(1, WIDTH), 0)
     assert seen and set(seen) == {"float32"}
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_decode_step_drops_no_op_contiguous_calls(mode, monkeypatch):
+    """The packed int8/int4 products' inputs are made contiguous by the step itself, so the
+    replayed graph holds no `contiguous` (7 ops a block before); the ids equal eager decoding."""
+    if BACKEND != "torch":
+        pytest.skip("the traced graph is torch's")
+    lm = _gemma3_lm(2)
+    lm.quantize(mode)
+    step = _traced_step(lm)
+    assert _aten_ops(step.recorded_graph)["aten::contiguous"] > 0, "nothing to drop: test stale"
+    assert _aten_ops(step.graph)["aten::contiguous"] == 0
+    traced = to_numpy(lm.generate(_prompt(), stop_token_ids=None)["token_ids"])
+    monkeypatch.setenv("KERAS_GEMMA_TORCH_TRACE", "0")
+    lm.generator.reset()
+    eager = to_numpy(lm.generate(_prompt(), stop_token_ids=None)["token_ids"])
+    np.testing.assert_array_equal(traced, eager)

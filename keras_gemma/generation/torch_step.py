@@ -215,7 +215,8 @@ def simplified(traced):
       returns its input, yet the replayed graph dispatches it: on a Gemma 3 decoder block
       they were ~140 of ~425 recorded ops.
     - `x[:, i]` records a slice of the whole first axis before the select: a view equal to
-      its input.
+      its input; `contiguous()` of a tensor the step made contiguous returns it (the packed
+      int8/int4 products' inputs, 7 ops a block).
     - Shapes are fixed per TracedStep, so `aten::size` of a traced tensor is a constant
       (the tracer records it, and the `aten::Int` conversions after it, as if it could vary).
     Constant propagation and dead-code elimination then fold what depended on those.
@@ -234,6 +235,9 @@ def simplified(traced):
             node.output().replaceAllUsesWith(next(node.inputs()))
             node.destroy()
         elif node.kind() == "aten::slice" and _is_full_slice(node):
+            node.output().replaceAllUsesWith(next(node.inputs()))
+            node.destroy()
+        elif node.kind() == "aten::contiguous" and _made_contiguous(next(node.inputs())):
             node.output().replaceAllUsesWith(next(node.inputs()))
             node.destroy()
         elif node.kind() == "aten::size":
@@ -283,6 +287,28 @@ def _returns_its_input(node):
                 return False
             if argument.name == "memory_format" and constant not in (None, torch.preserve_format):
                 return False
+    return True
+
+
+def _made_contiguous(value):
+    """Whether `value` is made inside the graph by an op whose traced result is contiguous
+    (so `contiguous()` on it returns it: the int8/int4 products' inputs). Shapes and strides
+    are fixed per TracedStep; the step's own inputs are not trusted (weights may move)."""
+    import torch
+
+    if value.node().kind() == "prim::Param":
+        return False
+    kind = value.type()
+    if not isinstance(kind, torch._C.TensorType):
+        return False
+    sizes, strides = kind.sizes(), kind.strides()
+    if not sizes or not strides or not all(isinstance(x, int) for x in sizes + strides):
+        return False
+    expected = 1
+    for size, stride in reversed(list(zip(sizes, strides))):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
     return True
 
 
