@@ -61,7 +61,9 @@ def test_einsum_values_and_both_gradients(forced, equation, inputs_shape, kernel
         rtol=1e-5, atol=1e-5)
 
 
-def test_layers_use_it_only_in_float32_training(forced, monkeypatch):
+def test_layers_use_it_in_training_and_for_several_rows(forced, monkeypatch):
+    """Training products and inference products of several rows (a prefill) go through
+    oneDNN; one row (what a decode step would multiply) keeps the layer's own call."""
     calls = []
     original = onednn.linear
     monkeypatch.setattr(onednn, "linear", lambda *args: calls.append(1) or original(*args))
@@ -69,10 +71,18 @@ def test_layers_use_it_only_in_float32_training(forced, monkeypatch):
     dense.build((None, None, 8))
     embedding = GemmaReversibleEmbedding(40, 8, tie_weights=True)
     embedding.build((None,))
+    row = keras.ops.ones((1, 1, 8))
+    dense(row, training=False)
+    embedding(row, reverse=True)
+    assert calls == []
     hidden = keras.ops.ones((1, 3, 8))
     dense(hidden, training=False)
     embedding(hidden, reverse=True)
-    assert calls == []
+    assert len(calls) == 2
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(dense(hidden, training=False)),
+        np.ones((1, 3, 8)) @ keras.ops.convert_to_numpy(dense.kernel).T, rtol=1e-5, atol=1e-5)
+    calls.clear()
     trained = dense(hidden, training=True)
     logits = embedding(hidden, reverse=True, training=True)
     assert len(calls) == 2
@@ -109,8 +119,11 @@ def test_the_setting_decides(monkeypatch):
     assert not onednn.torch_product_choice.onednn_float32_is_faster()
     kernel = keras.ops.ones((4, 3))
     assert not onednn.runs_here(keras.ops.ones((2, 3)), kernel, training=True)
-    monkeypatch.setenv("KERAS_GEMMA_TORCH_ONEDNN", "1")
     assert not onednn.runs_here(keras.ops.ones((2, 3)), kernel, training=False)
+    monkeypatch.setenv("KERAS_GEMMA_TORCH_ONEDNN", "1")
+    assert not onednn.runs_here(keras.ops.ones((1, 3)), kernel, training=False)  # one row
+    assert onednn.runs_here(keras.ops.ones((2, 3)), kernel, training=False) == (
+        keras.backend.backend() == "torch" and onednn.torch_product_choice.onednn_available())
     monkeypatch.setenv("KERAS_GEMMA_TORCH_NATIVE_16BIT", "0")
     assert not onednn.runs_here(
         keras.ops.ones((2, 3), "bfloat16"), keras.ops.ones((4, 3), "bfloat16"), training=True)
