@@ -10,9 +10,12 @@ from keras_gemma.generation.buckets import length_bucket
 from keras_gemma.generation.buckets import prefill_bucket
 from keras_gemma.generation.layerwise_prefill import LayerwisePrefill
 from keras_gemma.generation.layerwise_step import LayerwiseStep
+from keras_gemma.generation.loop_parts import all_true as _all_true
+from keras_gemma.generation.loop_parts import int8_weights_only as _int8_weights_only
 from keras_gemma.generation.loop_parts import jax_stateless_jit as _jax_stateless_jit
 from keras_gemma.generation.loop_parts import no_grad as _no_grad
 from keras_gemma.generation.loop_parts import output_mask as _output_mask
+from keras_gemma.generation.loop_parts import scalar_int32 as _scalar_int32
 from keras_gemma.generation.loop_parts import sampler_key as _sampler_key
 from keras_gemma.generation.loop_parts import tied_logits as _tied_logits
 from keras_gemma.generation.sharding import UNSHARDED
@@ -342,21 +345,7 @@ class Generator:
         if backend != "jax" or not xla_runs_on_cpu():
             return False
         dtype = keras.backend.standardize_dtype(self.model.backbone.compute_dtype)
-        return dtype in ("bfloat16", "float16") or self._has_int8_weights_only()
-
-    def _has_int8_weights_only(self):
-        """Whether some weights are int8 (`quantize("int8")`) and none int4.
-
-        XLA's CPU dot converts an int8 weight to float32, and the whole-loop program hoists
-        those conversions out of the loop as it does for 16-bit weights. Measured
-        (2026-12-06, JAX, batch 1, whole loop -> a step per call): real Gemma 3 270M int8
-        38.2 -> 59.8 tok/s, peak RSS 2.29 -> 1.71 GB; gemma_2b_en shape int8 2.03 -> 1.28
-        tok/s, 15.8 -> 6.2 GB. int4 keeps the whole loop: a step per call unpacks every
-        int4 weight each step (270M: 37.4 -> 8.1 tok/s), where the loop does it once per
-        call, holding the weights in float32 meanwhile (2B int4: 21 GB peak).
-        """
-        modes = {layer.quantization_mode for layer in self.model.backbone._flatten_layers()}
-        return "int8" in modes and not modes - {"int8", None}
+        return dtype in ("bfloat16", "float16") or _int8_weights_only(self.model.backbone)
 
     def _make_stepwise_generate(self, prefill, sampler, stop_ids, pad_id, step_key):
         rows = step_key[1][0]
@@ -428,19 +417,3 @@ class Generator:
             return tf.function(function, jit_compile=xla, autograph=False)
         return function  # torch: a Python loop around traced steps (see _make_step)
 
-
-def _all_true(values):
-    """`bool(all(values))`, read on the host; torch's own calls where the backend is torch
-    (each Keras op costs a few microseconds more, per decoded token)."""
-    if keras.backend.backend() == "torch":
-        return bool(values.all())
-    return bool(ops.convert_to_numpy(ops.all(values)))
-
-
-def _scalar_int32(value):
-    if keras.backend.backend() == "torch":
-        import torch
-        from keras.src.backend.torch.core import get_device
-
-        return torch.tensor(value, dtype=torch.int32, device=get_device())
-    return ops.convert_to_tensor(np.int32(value))
