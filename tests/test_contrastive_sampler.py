@@ -4,6 +4,7 @@ picks the same tokens."""
 
 import numpy as np
 import pytest
+from conftest import BACKEND
 from keras_hub_models import keras_hub_causal_lm
 from test_causal_lm import _tiny_lm
 from test_generation import _prompt
@@ -112,6 +113,13 @@ def test_python_driven_loop_and_stream_match_the_compiled_loop(monkeypatch):
     ids, mask = (prompt[key][:1] for key in ("token_ids", "padding_mask"))
     streamed = list(lm.generator.stream(ids, mask, sampler))
     np.testing.assert_array_equal(streamed, free["token_ids"][0, 3:])
+    if BACKEND == "torch":
+        # Every step is traced: a single row's candidate caches are broadcast views of its
+        # cache (Keras' torch `repeat` expands), which the step must not write in place.
+        from keras_gemma.generation.torch_step import TracedStep
+
+        steps = [f for f in lm.generator._functions.values() if isinstance(f, TracedStep)]
+        assert len(steps) >= 2 and all(step.graph is not None for step in steps)
 
 
 def test_penalty_is_the_largest_cosine_similarity_to_earlier_positions():

@@ -36,7 +36,13 @@ def write_to_cache(cache, start_index, keys_and_values):
     Example:
     >>> cache = write_to_cache(cache, index, ops.stack((key, value), axis=1))
     """
-    if getattr(_in_place, "active", False) and keras.backend.backend() == "torch":
+    if (
+        getattr(_in_place, "active", False)
+        and keras.backend.backend() == "torch"
+        # A broadcast view cannot be written in place (its rows share memory): the
+        # contrastive sampler's candidate caches, which Keras' torch `repeat` expands.
+        and cache.is_contiguous()
+    ):
         # narrow() takes the start as a tensor, so the traced step keeps it a runtime value.
         # It reads that start on the host: on a GPU, a sync that CUDA graph capture refuses
         # (index_copy_ with a device index would not).
