@@ -95,8 +95,9 @@ def test_traced_decode_step_replays_at_most_150_ops_per_decoder_block(dtype, one
     replayed = _per_block(replayed_few, replayed_many)
     kinds = {k: (replayed_many[k] - replayed_few[k]) / (MANY - FEW) for k in replayed_many}
     print(
-        f"\n{dtype}, oneDNN {onednn}: aten ops per Gemma 3 decoder block: {OPS_PER_BLOCK_BEFORE} before issue 16"
-        f" (float32), {recorded:.1f} recorded by jit.trace, {replayed:.1f} replayed; "
+        f"\n{dtype}, oneDNN {onednn}: aten ops per Gemma 3 decoder block: "
+        f"{OPS_PER_BLOCK_BEFORE} before issue 16 (float32), {recorded:.1f} recorded by "
+        f"jit.trace, {replayed:.1f} replayed; "
         + ", ".join(f"{k[6:]} {v:.1f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])
                     if v)
     )

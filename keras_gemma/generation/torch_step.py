@@ -31,10 +31,10 @@ that product stays on one (MKL); oneDNN's uses both (decode_matmul.py), and the 
 four products a block instead of seven (shared_rows.py): on the AVX-512 EPYC of 2026-12-06,
 2 threads, the 270M in float32 went from 20.3 to ~36-40 tok/s (see the issue 16 note for
 the run against JAX). The Python around each replay (flattening the arguments, reading the
-done flags) is kept to a few microseconds: the tiny benchmark shape's token 0.53 -> 0.36 ms. With as many torch
-threads as cores, any busy neighbour halves torch (OpenMP threads spin-wait for the
-descheduled one: 11.1 -> 5.9 tok/s; OMP_WAIT_POLICY=PASSIVE 10.9; one thread 12.1); with two
-other processes busy, 2 threads fell to ~1 tok/s where JAX kept 8-9.
+done flags) is kept to a few microseconds: the tiny benchmark shape's token 0.53 -> 0.36 ms.
+With as many torch threads as cores, any busy neighbour halves torch (OpenMP threads
+spin-wait for the descheduled one: 11.1 -> 5.9 tok/s; OMP_WAIT_POLICY=PASSIVE 10.9; one
+thread 12.1); with two other processes busy, 2 threads fell to ~1 tok/s where JAX kept 8-9.
 
 The model weights are traced as inputs (read through a `keras.StatelessScope`), so
 fine-tuning, LoRA and quantization are seen by the graph. The packed int8/int4 products
