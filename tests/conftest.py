@@ -68,6 +68,13 @@ def to_numpy(x):
     return np.asarray(keras.ops.convert_to_numpy(x))
 
 
+def traced_steps(lm):
+    """The `TracedStep`s (torch) that `lm.generate` and `stream` made so far."""
+    from keras_gemma.generation.torch_step import TracedStep
+
+    return [f for f in lm.generator._functions.values() if isinstance(f, TracedStep)]
+
+
 @pytest.fixture(scope="session")
 def sentencepiece_proto(tmp_path_factory):
     """Path to a tiny SentencePiece model with Gemma's settings, trained once per session.

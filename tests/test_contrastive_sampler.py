@@ -4,7 +4,7 @@ picks the same tokens."""
 
 import numpy as np
 import pytest
-from conftest import BACKEND
+from conftest import BACKEND, traced_steps
 from keras_hub_models import keras_hub_causal_lm
 from test_causal_lm import _tiny_lm
 from test_generation import _prompt
@@ -116,9 +116,7 @@ def test_python_driven_loop_and_stream_match_the_compiled_loop(monkeypatch):
     if BACKEND == "torch":
         # Every step is traced: a single row's candidate caches are broadcast views of its
         # cache (Keras' torch `repeat` expands), which the step must not write in place.
-        from keras_gemma.generation.torch_step import TracedStep
-
-        steps = [f for f in lm.generator._functions.values() if isinstance(f, TracedStep)]
+        steps = traced_steps(lm)
         assert len(steps) >= 2 and all(step.graph is not None for step in steps)
 
 

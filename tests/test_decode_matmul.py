@@ -128,8 +128,9 @@ def test_torch_decodes_through_onednn_with_row_major_kernels(monkeypatch):
         pytest.skip("torch's product choice")
     from conftest import tiny_config
 
+    from conftest import traced_steps
+
     from keras_gemma import GemmaBackbone, GemmaCausalLM
-    from keras_gemma.generation.torch_step import TracedStep
 
     import keras_gemma.layers.decode_matmul as decode_matmul_module
 
@@ -147,8 +148,7 @@ def test_torch_decodes_through_onednn_with_row_major_kernels(monkeypatch):
         token_ids[0, :3] = [2, 7, 11]
         prompt = {"token_ids": token_ids, "padding_mask": token_ids != 0}
         ids = to_numpy(lm.generate(prompt, stop_token_ids=None)["token_ids"])
-        steps = [f for f in lm.generator._functions.values() if isinstance(f, TracedStep)]
-        return lm, ids, steps[0].graph
+        return lm, ids, traced_steps(lm)[0].graph
 
     lm, ids, graph = decoded("1")
     kinds = [node.kind() for node in graph.nodes()]

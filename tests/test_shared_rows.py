@@ -11,7 +11,7 @@ memory.
 import keras
 import numpy as np
 import pytest
-from conftest import BACKEND, tiny_config, to_numpy
+from conftest import BACKEND, tiny_config, to_numpy, traced_steps
 
 from keras_gemma import GemmaBackbone, GemmaCausalLM
 from keras_gemma.layers import shared_rows
@@ -55,9 +55,7 @@ def _argmax_of_forward(lm, ids):
 
 
 def _traced_step(lm):
-    from keras_gemma.generation.torch_step import TracedStep
-
-    steps = [f for f in lm.generator._functions.values() if isinstance(f, TracedStep)]
+    steps = traced_steps(lm)
     assert len(steps) == 1
     return steps[0]
 

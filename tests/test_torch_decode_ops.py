@@ -19,7 +19,7 @@ import re
 import keras
 import numpy as np
 import pytest
-from conftest import BACKEND, tiny_config, to_numpy
+from conftest import BACKEND, tiny_config, to_numpy, traced_steps
 
 from keras_gemma import GemmaBackbone, GemmaCausalLM
 
@@ -63,10 +63,8 @@ def _prompt(length=6):
 
 def _traced_step(lm):
     """The TracedStep that generate() used for its decode steps (torch)."""
-    from keras_gemma.generation.torch_step import TracedStep
-
     lm.generate(_prompt(), stop_token_ids=None)
-    steps = [f for f in lm.generator._functions.values() if isinstance(f, TracedStep)]
+    steps = traced_steps(lm)
     assert len(steps) == 1 and steps[0].graph is not None, "the decode step was not traced"
     return steps[0]
 

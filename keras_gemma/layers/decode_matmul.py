@@ -78,7 +78,7 @@ def _onednn_takes(inputs, kernel):
     from keras_gemma.layers import torch_product_choice
 
     return (
-        kernel.numel() * 4 >= ONEDNN_SMALLEST_KERNEL_BYTES
+        kernel.numel() * kernel.element_size() >= ONEDNN_SMALLEST_KERNEL_BYTES
         and kernel.dtype == torch.float32
         and inputs.dtype == torch.float32
         and kernel.device.type == "cpu"

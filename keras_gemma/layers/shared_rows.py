@@ -99,17 +99,8 @@ def _consecutive(kernels, inputs, widths):
     first = kernels[0]
     if not all(isinstance(kernel, torch.Tensor) for kernel in kernels):
         return None
-    storage = first.untyped_storage().data_ptr()
-    expected = first.data_ptr()
-    for kernel in kernels:
-        if (
-            kernel.dtype != first.dtype
-            or not kernel.is_contiguous()
-            or kernel.untyped_storage().data_ptr() != storage
-            or kernel.data_ptr() != expected
-        ):
-            return None
-        expected += kernel.numel() * kernel.element_size()
+    if not _in_one_buffer(kernels):
+        return None
     recorder = getattr(_tracing, "recorder", None)
     if torch.jit.is_tracing():
         # Replayed later on whatever tensors the step is given: only the step's own inputs
@@ -142,15 +133,21 @@ def checked_groups(groups, values):
 def still_consecutive(groups, values):
     """Whether every group of positions in `values` still lies in consecutive blocks of one
     storage, as when the step was traced."""
-    for group in groups:
-        first = values[group[0]]
-        storage = first.untyped_storage().data_ptr()
-        expected = first.data_ptr()
-        for index in group:
-            value = values[index]
-            if value.untyped_storage().data_ptr() != storage or value.data_ptr() != expected:
-                return False
-            if not value.is_contiguous():
-                return False
-            expected += value.numel() * value.element_size()
+    return all(_in_one_buffer([values[index] for index in group]) for group in groups)
+
+
+def _in_one_buffer(tensors):
+    """Whether `tensors` (one dtype, row-major) follow each other in one storage, in order."""
+    first = tensors[0]
+    storage = first.untyped_storage().data_ptr()
+    expected = first.data_ptr()
+    for tensor in tensors:
+        if (
+            tensor.dtype != first.dtype
+            or not tensor.is_contiguous()
+            or tensor.untyped_storage().data_ptr() != storage
+            or tensor.data_ptr() != expected
+        ):
+            return False
+        expected += tensor.numel() * tensor.element_size()
     return True
