@@ -47,6 +47,8 @@ Usage:
     python benchmarks/gemma3_270m.py                      # everything, N=64, best of 3
     python benchmarks/gemma3_270m.py --implementations keras_gemma,transformers \\
         --backends jax --new-tokens 8 --repeats 1         # a quick smoke run
+    python benchmarks/gemma3_270m.py --implementations keras_gemma_int4,llama_cpp \
+        --backends torch,inductor   # torch traced and Inductor-compiled decode steps
     Options: --threads 2 (torch and llama.cpp), --prompt TEXT, --hf-dir DIR.
 """
 
@@ -65,6 +67,7 @@ import child_process  # noqa: E402
 
 IMPLEMENTATIONS = ("keras_gemma", "keras_gemma_bf16", "keras_gemma_int8", "keras_gemma_int4",
                    "keras_hub", "transformers", "llama_cpp")
+INDUCTOR = "inductor"  # a --backends entry: torch with the compiled decode step
 KERAS = ("keras_gemma", "keras_gemma_bf16", "keras_gemma_int8", "keras_gemma_int4", "keras_hub")
 LABELS = {"keras_gemma": "keras_gemma", "keras_gemma_bf16": "keras_gemma bf16",
           "keras_gemma_int8": "keras_gemma int8", "keras_gemma_int4": "keras_gemma int4",
@@ -226,7 +229,10 @@ def child(implementation, args):
 
 def run_child(implementation, backend, args):
     environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    if backend is not None:
+    if backend == INDUCTOR:
+        # torch, decoding through the Inductor-compiled step (generation/torch_compiled_step.py)
+        environment.update(KERAS_BACKEND="torch", KERAS_GEMMA_TORCH_COMPILE="1")
+    elif backend is not None:
         environment["KERAS_BACKEND"] = backend
     command = [sys.executable, os.path.abspath(__file__), "--child", implementation,
                "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats),
@@ -290,7 +296,9 @@ def main():
     parser.add_argument("--implementations", default=",".join(IMPLEMENTATIONS),
                         help="comma-separated subset of " + ",".join(IMPLEMENTATIONS))
     parser.add_argument("--backends", default="jax,torch",
-                        help="Keras backends for keras_gemma and keras_hub")
+                        help="Keras backends for keras_gemma and keras_hub; 'inductor' is torch "
+                             "with keras_gemma's compiled decode step (KERAS_GEMMA_TORCH_COMPILE"
+                             "=1), for keras_gemma rows only")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="torch and llama.cpp threads")
@@ -321,6 +329,8 @@ def main():
     for implementation in selected:
         backends = args.backends.split(",") if implementation in KERAS else [None]
         for backend in backends:
+            if backend == INDUCTOR and not implementation.startswith("keras_gemma"):
+                continue
             if implementation == "llama_cpp" and importlib.util.find_spec("llama_cpp") is None:
                 rows[(implementation, backend)] = {"skipped": "not installed"}
             else:

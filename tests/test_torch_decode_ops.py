@@ -120,7 +120,13 @@ def test_decode_step_writes_the_cache_once_per_layer():
         (outputs,) = [n for n in graph.nodes() if n.kind() == "prim::TupleConstruct"][-1:]
         cache_outputs = [v for v in outputs.inputs() if _sizes(v) == shape]
         assert len(cache_outputs) == MANY
-        assert all(v in inputs for v in cache_outputs), "a cache was rebuilt, not written"
+        # A cache written in place is returned as the input itself or as the result of an
+        # in-place op (kind ending in "_") applied to that input.
+        written = [
+            v in inputs or (v.node().kind().endswith("_") and v.node().inputsAt(0) in inputs)
+            for v in cache_outputs
+        ]
+        assert all(written), "a cache was rebuilt, not written"
         return
     writers = _cache_shaped_ops(lm, shape)
     updates = {"jax": "stablehlo.dynamic_update_slice", "tensorflow": "XlaDynamicUpdateSlice"}

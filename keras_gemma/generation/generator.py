@@ -18,8 +18,11 @@ from keras_gemma.generation.loop_parts import output_mask as _output_mask
 from keras_gemma.generation.loop_parts import scalar_int32 as _scalar_int32
 from keras_gemma.generation.loop_parts import sampler_key as _sampler_key
 from keras_gemma.generation.loop_parts import tied_logits as _tied_logits
+from keras_gemma.generation.sampler import read_column
 from keras_gemma.generation.sharding import UNSHARDED
 from keras_gemma.generation.sharding import GenerationSharding
+from keras_gemma.generation.torch_compiled_step import CompiledStep
+from keras_gemma.generation.torch_compiled_step import compile_enabled
 from keras_gemma.generation.torch_step import TracedStep
 from keras_gemma.layers.decode_matmul import xla_runs_on_cpu
 
@@ -227,8 +230,7 @@ class Generator:
             return self._body_with_hidden(sampler, stop_ids, pad_id)
 
         def body(tokens, caches, index, prompt_mask, done, scores, key):
-            batch = ops.shape(tokens)[0]  # dynamic in an exported SavedModel
-            token = ops.slice(tokens, [0, index - 1], [batch, 1])
+            token = ops.expand_dims(read_column(tokens, index - 1), 1)
             logits, caches = decode(token, caches, index - 1)
             return sampler.select(
                 logits, tokens, caches, index, prompt_mask, done, scores, key, stop_ids, pad_id
@@ -247,8 +249,7 @@ class Generator:
             return hidden, self._sharding.constrain(caches)
 
         def body(tokens, caches, index, prompt_mask, done, scores, key):
-            batch = ops.shape(tokens)[0]
-            token = ops.slice(tokens, [0, index - 1], [batch, 1])
+            token = ops.expand_dims(read_column(tokens, index - 1), 1)
             hidden, caches = run(token, caches, index - 1)
             logits = _tied_logits(model.backbone.token_embedding, hidden)
             return sampler.select_with_hidden(
@@ -275,7 +276,8 @@ class Generator:
     def _make_step(self, sampler, stop_ids, pad_id, rows=1):
         step = self._body(self._decode, sampler, stop_ids, pad_id)
         if keras.backend.backend() == "torch":
-            return TracedStep(self._counted(step), self.model)
+            runner = CompiledStep if compile_enabled() else TracedStep
+            return runner(self._counted(step), self.model)
         # Contrastive search runs its candidates through the whole model inside the step,
         # which the block-by-block step cannot: it keeps the one-program step.
         layerwise = rows > 1 and not sampler.needs_hidden_states

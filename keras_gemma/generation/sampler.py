@@ -16,6 +16,13 @@ def write_column(tokens, index, column):
 
 def read_column(tokens, index):
     """`tokens[:, index]` for a dynamic `index`."""
+    if keras.backend.backend() == "torch":
+        import torch
+
+        if isinstance(tokens, torch.Tensor) and isinstance(index, torch.Tensor):
+            # Keras' torch `slice` reads a tensor start on the host (`narrow`): a sync on a
+            # GPU, and a value the compiled decode step cannot trace (torch_compiled_step.py).
+            return torch.index_select(tokens, 1, index.reshape(1))[:, 0]
     return ops.squeeze(ops.slice(tokens, [0, index], [ops.shape(tokens)[0], 1]), 1)
 
 

@@ -97,9 +97,11 @@ class TracedStep:
             self._first_frozen = len(trainable)
         return self._variable_list
 
-    def _stale(self, values):
+    def _stale(self, values, flat):
         """Whether a non-trainable value changed since the trace (a new tensor or a write), or
-        weights the step reads as one buffer (shared_rows.py) no longer lie in one."""
+        weights the step reads as one buffer (shared_rows.py) no longer lie in one. (`flat`,
+        the step's other inputs, are of the shapes traced: the caller keys one step per
+        shape.)"""
         if any(values[i] is not t or t._version != version for i, t, version in self._frozen):
             return True
         return not shared_rows.still_consecutive(self._shared_rows, values)
@@ -110,9 +112,9 @@ class TracedStep:
         variables = self._variables()
         values = current_values(variables)
         flat = _flatten(arguments)
-        if self._traced is None or self._stale(values):
+        if self._traced is None or self._stale(values, flat):
             with self._trace_lock:
-                if self._traced is None or self._stale(values):
+                if self._traced is None or self._stale(values, flat):
                     self._trace(variables, values, arguments, flat)
             if self._failed:
                 return self.function(*arguments)
@@ -120,8 +122,6 @@ class TracedStep:
         return _packed(self._output_structure, iter(outputs))
 
     def _trace(self, variables, values, arguments, flat):
-        import torch
-
         count = len(variables)
 
         def flat_function(*inputs):
@@ -132,30 +132,36 @@ class TracedStep:
             return tuple(tree.flatten(outputs))
 
         try:
-            with warnings.catch_warnings():
-                # Shape-to-int conversions are fine: shapes are fixed per TracedStep.
-                warnings.simplefilter("ignore", torch.jit.TracerWarning)
-                warnings.simplefilter("ignore", DeprecationWarning)
-                # The caches passed in are the Generator's, replaced by the step's outputs:
-                # the step may write them in place (recorded as such in the graph).
-                with cache_writes_in_place(), shared_rows.recording_groups(values) as groups:
-                    self._traced = torch.jit.trace(
-                        flat_function, tuple(values) + tuple(flat), check_trace=False
-                    )
+            # The caches passed in are the Generator's, replaced by the step's outputs:
+            # the step may write them in place (recorded as such in the graph).
+            with cache_writes_in_place(), shared_rows.recording_groups(values) as groups:
+                self._traced = self._record(flat_function, tuple(values) + tuple(flat))
         except Exception as error:  # an op that cannot be traced: decode eagerly instead
             warnings.warn(f"torch.jit.trace of the decode step failed ({error}); decoding eagerly.")
             self._failed = True
             return
-        self.recorded_graph = self.graph = self._traced.graph
         self._shared_rows = shared_rows.checked_groups(groups, values)
         self._frozen = tuple(
             (i, values[i], values[i]._version) for i in range(self._first_frozen, len(values))
         )
+
+    def _record(self, flat_function, inputs):
+        """The callable replayed for `flat_function(*inputs)`: its `torch.jit.trace`,
+        `simplified`. Runs `flat_function` once (writing the caches it is given)."""
+        import torch
+
+        with warnings.catch_warnings():
+            # Shape-to-int conversions are fine: shapes are fixed per TracedStep.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            traced = torch.jit.trace(flat_function, inputs, check_trace=False)
+        self.recorded_graph = self.graph = traced.graph
         try:
-            self._traced = simplified(self._traced)
-            self.graph = self._traced.graph
+            traced = simplified(traced)
+            self.graph = traced.graph
         except Exception as error:  # a torch without these internals: keep the plain trace
             warnings.warn(f"could not simplify the traced decode step ({error}).")
+        return traced
 
 
 def _flatten(structure):

@@ -43,9 +43,14 @@ def write_to_cache(cache, start_index, keys_and_values):
         # contrastive sampler's candidate caches, which Keras' torch `repeat` expands.
         and cache.is_contiguous()
     ):
-        # narrow() takes the start as a tensor, so the traced step keeps it a runtime value.
-        # It reads that start on the host: on a GPU, a sync that CUDA graph capture refuses
-        # (index_copy_ with a device index would not).
-        cache.narrow(2, start_index, keys_and_values.shape[2]).copy_(keys_and_values)
+        # The positions stay a tensor on the cache's device: the traced step keeps them a
+        # runtime value, and nothing reads them on the host (`narrow` with a tensor start
+        # did: a sync per layer on a GPU, and a value `make_fx` cannot trace for the
+        # compiled step, torch_compiled_step.py).
+        import torch
+
+        positions = torch.arange(keys_and_values.shape[2], device=cache.device)
+        positions = positions + torch.as_tensor(start_index, device=cache.device)
+        cache.index_copy_(2, positions, keys_and_values)
         return cache
     return ops.slice_update(cache, [0, 0, start_index, 0, 0], keys_and_values)

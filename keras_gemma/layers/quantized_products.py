@@ -94,9 +94,9 @@ def prepared(layer, name, sources, make):
 
     A change is a different tensor (a new variable value, or another one mapped in by a
     `StatelessScope`) or an in-place write (torch's version counter). The sources are held
-    with the result, so their ids cannot be reused. Made with tracing paused: a traced
-    decode step records the result as a constant, not the packing (torch_step.TracedStep
-    traces again when an int8 variable changes).
+    with the result, so their ids cannot be reused. Made with tracing paused: a decode step
+    traced (or recorded by make_fx) records the result as a constant, not the packing
+    (torch_step.TracedStep traces again when an int8 variable changes).
     """
     import torch
 
@@ -108,10 +108,13 @@ def prepared(layer, name, sources, make):
     entry = cache.get(name)
     if entry is not None and entry[0] == key:
         return entry[2]
+    from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
+
     state = torch._C._get_tracing_state()
     torch._C._set_tracing_state(None)
     try:
-        with torch.no_grad():
+        # make_fx (torch_compiled_step.py) records through dispatch modes, not the tracer.
+        with torch.no_grad(), disable_proxy_modes_tracing():
             value = make(*[t.detach() for t in sources])
     finally:
         torch._C._set_tracing_state(state)

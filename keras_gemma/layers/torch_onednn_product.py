@@ -22,8 +22,10 @@ inference products of several rows (prefill, a forward pass): the real Gemma 3 2
 0.394 -> 0.351 s. Decode steps keep decode_matmul.py's measured forms.
 """
 
+import contextlib
 import functools
 import math
+import threading
 
 import keras
 
@@ -79,11 +81,51 @@ def linear_outside_autograd(inputs, weight):
         # Traced by torch.compile (`jit_compile=True`): Inductor cannot lower this operator
         # with weights that are not constants, and it makes its own products.
         return torch.nn.functional.linear(inputs, weight)
+    if getattr(_for_inductor, "active", False):
+        return _opaque_linear()(inputs, weight)
     if torch.jit.is_tracing():
         # torch.jit.trace cannot record the operator's empty `Scalar?[]` argument; a
         # TorchScript function can (torch_step.simplified inlines the call).
         return _scripted_linear()(inputs, weight)
     return torch.ops.mkldnn._linear_pointwise(inputs, weight, None, "none", [], "")
+
+
+# Per thread: only the thread recording a decode step for Inductor records the operator.
+_for_inductor = threading.local()
+
+
+@contextlib.contextmanager
+def recorded_for_inductor():
+    """Within this context, oneDNN products are recorded as the operator
+    `keras_gemma::onednn_linear` (generation/torch_compiled_step.py): Inductor lowers
+    `mkldnn._linear_pointwise` only for weights it holds as constants, and the decode step
+    passes its weights in; an operator it does not know it calls as it is.
+
+    Example:
+    >>> with recorded_for_inductor():
+    ...     graph = make_fx(step)(*inputs)
+    """
+    previous = getattr(_for_inductor, "active", False)
+    _for_inductor.active = True
+    try:
+        yield
+    finally:
+        _for_inductor.active = previous
+
+
+@functools.lru_cache(maxsize=None)
+def _opaque_linear():
+    import torch
+
+    @torch.library.custom_op("keras_gemma::onednn_linear", mutates_args=())
+    def onednn_linear(inputs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(inputs, weight, None, "none", [], "")
+
+    @onednn_linear.register_fake
+    def _(inputs, weight):
+        return inputs.new_empty(tuple(inputs.shape[:-1]) + (weight.shape[0],))
+
+    return onednn_linear
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,0 +1,106 @@
+"""The decode step compiled by Inductor (`KERAS_GEMMA_TORCH_COMPILE=1`, torch on a CPU).
+
+Its greedy ids equal the traced step's (float32 through oneDNN's product, recorded as
+keras_gemma's own operator; int8 and int4 through PyTorch's packed kernels) and a full
+forward pass's argmax; a weight laid out anew after compiling makes the step compile again
+(Inductor's code is specialized to strides). On JAX and TensorFlow the setting changes
+nothing.
+"""
+
+import shutil
+
+import keras
+import numpy as np
+import pytest
+from conftest import BACKEND, tiny_config, to_numpy, traced_steps
+
+from keras_gemma import GemmaBackbone, GemmaCausalLM
+
+needs_compiler = pytest.mark.skipif(
+    BACKEND == "torch" and shutil.which("g++") is None,
+    reason="Inductor compiles C++ with g++",
+)
+
+
+def _lm(seed=0, **overrides):
+    config = tiny_config(
+        head_dim=32, hidden_dim=64, intermediate_dim=128, use_query_key_norm=True,
+        use_post_attention_norm=True, use_post_ffw_norm=True, **overrides
+    )
+    backbone = GemmaBackbone(**config)
+    rng = np.random.default_rng(seed)
+    for variable in backbone.weights:
+        variable.assign(rng.normal(0, 0.3, variable.shape).astype("float32"))
+    return GemmaCausalLM(backbone)
+
+
+def _prompt():
+    token_ids = np.zeros((1, 12), "int32")
+    token_ids[0, :3] = [2, 7, 11]
+    return {"token_ids": token_ids, "padding_mask": token_ids != 0}
+
+
+def _generate(lm, compiled, monkeypatch):
+    monkeypatch.setenv("KERAS_GEMMA_TORCH_COMPILE", "1" if compiled else "0")
+    lm.generator._functions = {}  # the step kind is chosen when a step is made
+    return to_numpy(lm.generate(_prompt(), stop_token_ids=None)["token_ids"])
+
+
+def _forward_argmax(lm, ids):
+    width = ids.shape[1] - 1
+    hidden = lm.backbone({"token_ids": ids[:, :-1], "padding_mask": np.ones((1, width), "int32")})
+    return np.argmax(to_numpy(lm.backbone.token_embedding(hidden, reverse=True))[0], axis=-1)
+
+
+@needs_compiler
+def test_compiled_step_decodes_as_the_traced_one(monkeypatch):
+    if BACKEND == "torch":
+        import keras_gemma.layers.decode_matmul as decode_matmul_module
+
+        # oneDNN for every float32 product (the tiny kernels are below the size where it
+        # pays): the compiled step must call it as keras_gemma's operator.
+        monkeypatch.setenv("KERAS_GEMMA_TORCH_ONEDNN", "1")
+        monkeypatch.setattr(decode_matmul_module, "ONEDNN_SMALLEST_KERNEL_BYTES", 0)
+    lm = _lm()
+    traced = _generate(lm, False, monkeypatch)
+    compiled = _generate(lm, True, monkeypatch)
+    np.testing.assert_array_equal(compiled, traced)
+    np.testing.assert_array_equal(compiled[0, 3:], _forward_argmax(lm, compiled)[2:])
+    if BACKEND != "torch":
+        return
+    (step,) = traced_steps(lm)
+    assert step.compiled, "the step fell back to tracing"
+    targets = [str(node.target) for node in step.graph.nodes]
+    assert targets.count("keras_gemma.onednn_linear.default") >= 7  # 3 a block + logits
+
+
+@needs_compiler
+def test_a_weight_laid_out_anew_compiles_the_step_again(monkeypatch):
+    lm = _lm(seed=1)
+    first = _generate(lm, True, monkeypatch)
+    if BACKEND != "torch":
+        return
+    (step,) = traced_steps(lm)
+    assert step.compiled
+    compiled_once = step._traced
+    # The same values in the other memory order, under the same Parameter object.
+    value = lm.backbone.token_embedding.embeddings.value
+    row_major = value.is_contiguous()
+    value.data = value.data.t().contiguous().t() if row_major else value.data.contiguous()
+    assert value.is_contiguous() != row_major
+    again = to_numpy(lm.generate(_prompt(), stop_token_ids=None)["token_ids"])
+    assert step._traced is not compiled_once, "the step was not compiled again"
+    np.testing.assert_array_equal(again, first)
+
+
+@needs_compiler
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_compiled_step_decodes_as_the_traced_one(mode, monkeypatch):
+    lm = _lm(seed=2)
+    lm.quantize(mode)
+    traced = _generate(lm, False, monkeypatch)
+    compiled = _generate(lm, True, monkeypatch)
+    np.testing.assert_array_equal(compiled, traced)
+    if BACKEND == "torch":
+        (step,) = traced_steps(lm)
+        assert step.compiled, "the step fell back to tracing"
