@@ -9,7 +9,6 @@ nothing.
 
 import shutil
 
-import keras
 import numpy as np
 import pytest
 from conftest import BACKEND, tiny_config, to_numpy, traced_steps
