@@ -114,8 +114,9 @@ class CompiledStep(TracedStep):
         self._value_ids = [id(t) for t in inputs[:count]]
 
         def run(*arguments):
-            # One program per instance, for these layouts (checked by `_stale`).
-            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+            # One program per instance, for these layouts (checked by `_stale`), compiled
+            # without gradients (another grad mode would ask for a recompilation).
+            with torch.no_grad(), torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
                 return program(*arguments)
 
         return run
