@@ -11,6 +11,8 @@ Usage:
     python benchmarks/generate.py --shapes tiny --backends jax,torch
     python benchmarks/generate.py --shapes 2b --dtypes float32,bfloat16 --new-tokens 8
     python benchmarks/generate.py --shapes 2b --dtypes int8,int4 --implementations keras_gemma
+    python benchmarks/generate.py --backends jax,torch,inductor   # inductor: torch with the
+        # Inductor-compiled decode step (KERAS_GEMMA_TORCH_COMPILE=1), keras_gemma only
 
 dtypes "int8" and "int4": KerasHub loads the float32 checkpoint and calls `quantize(mode)`
 (its peak RSS then includes the float32 model); keras_gemma loads its own preset of the same
@@ -89,6 +91,9 @@ print("RESULT " + json.dumps(results))
 
 def run_child(implementation, path, ours_path, dtype, backend, args):
     environment = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+    if backend == "inductor":
+        # torch, with keras_gemma's Inductor-compiled decode step (torch_compiled_step.py)
+        environment.update(KERAS_BACKEND="torch", KERAS_GEMMA_TORCH_COMPILE="1")
     command = [sys.executable, "-c", CHILD, implementation, path, ours_path, dtype,
                str(args.prompt), str(args.new_tokens), str(args.repeats)]
     return child_process.run_child(command, environment)
@@ -116,6 +121,8 @@ def main():
             for backend in args.backends.split(","):
                 found = {}
                 for implementation in args.implementations.split(","):
+                    if backend == "inductor" and implementation != "keras_gemma":
+                        continue
                     result = run_child(implementation, keras_hub_dir, ours_dir, dtype, backend,
                                        args)
                     found[implementation] = result
