@@ -120,3 +120,31 @@ def test_an_embedding_quantized_in_blocks_equals_one_quantized_whole(mode):
     for expected, actual in zip(reference.token_embedding.weights, built.token_embedding.weights):
         assert expected.path == actual.path
         np.testing.assert_array_equal(to_numpy(actual), to_numpy(expected), err_msg=expected.path)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_kernels_quantized_in_blocks_of_rows_equal_ones_quantized_whole(mode):
+    """Loading quantizes each kernel a block of its first (output) axis at a time; the
+    variables equal `quantize(mode)` of the whole float model, for every kind of kernel
+    (query/key/value [heads, head_dim, hidden], output [hidden, heads, head_dim], FFN)."""
+    reference = GemmaBackbone(**tiny_config())
+    kernels = {layer.path: to_numpy(layer._kernel) for layer in reference._flatten_layers()
+               if hasattr(layer, "equation")}
+    reference.quantize(mode)
+    policy_map = quantized_loading.quantized_policy_map(GemmaBackbone, tiny_config(), mode)
+    built = GemmaBackbone(**{**tiny_config(), "dtype": policy_map})
+    expected = {layer.path: layer for layer in reference._flatten_layers()}
+    filled = 0
+    for layer in built._flatten_layers():
+        if layer.path not in kernels or layer.quantization_mode is None:
+            continue
+        kernel = kernels[layer.path]
+        # Blocks of 2 rows (int4 packs pairs of rows): 4 query heads make 2 blocks.
+        quantized_loading.fill(
+            layer, lambda start, stop: kernel[start:stop], rows=len(kernel), rows_per_chunk=2
+        )
+        filled += 1
+        for want, got in zip(expected[layer.path].weights, layer.weights):
+            assert want.path == got.path
+            np.testing.assert_array_equal(to_numpy(got), to_numpy(want), err_msg=want.path)
+    assert filled == 7 * tiny_config()["num_layers"]
