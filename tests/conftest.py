@@ -68,6 +68,22 @@ def to_numpy(x):
     return np.asarray(keras.ops.convert_to_numpy(x))
 
 
+def assign_random_weights(backbone, seed=0, std=0.3):
+    """Every weight of `backbone` drawn from N(0, std): large enough that a tiny model's
+    greedy continuations vary from token to token."""
+    rng = np.random.default_rng(seed)
+    for variable in backbone.weights:
+        variable.assign(rng.normal(0, std, variable.shape).astype("float32"))
+    return backbone
+
+
+def short_prompt():
+    """A token-id dict of one row, 3 prompt tokens then room for 9 more."""
+    token_ids = np.zeros((1, 12), "int32")
+    token_ids[0, :3] = [2, 7, 11]
+    return {"token_ids": token_ids, "padding_mask": token_ids != 0}
+
+
 def traced_steps(lm):
     """The `TracedStep`s (torch) that `lm.generate` and `stream` made so far."""
     from keras_gemma.generation.torch_step import TracedStep

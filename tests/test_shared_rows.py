@@ -11,7 +11,14 @@ memory.
 import keras
 import numpy as np
 import pytest
-from conftest import BACKEND, tiny_config, to_numpy, traced_steps
+from conftest import (
+    BACKEND,
+    assign_random_weights,
+    short_prompt,
+    tiny_config,
+    to_numpy,
+    traced_steps,
+)
 
 from keras_gemma import GemmaBackbone, GemmaCausalLM
 from keras_gemma.layers import shared_rows
@@ -33,20 +40,11 @@ def _lm(seed=0, share=True):
             patch.setattr(attention, "share_rows", lambda variables: None)
             patch.setattr(feed_forward, "share_rows", lambda variables: None)
         backbone = GemmaBackbone(**tiny_config(head_dim=16, intermediate_dim=128))
-    rng = np.random.default_rng(seed)
-    for variable in backbone.weights:
-        variable.assign(rng.normal(0, 0.3, variable.shape).astype("float32"))
-    return GemmaCausalLM(backbone)
-
-
-def _prompt():
-    token_ids = np.zeros((1, 12), "int32")
-    token_ids[0, :3] = [2, 7, 11]
-    return {"token_ids": token_ids, "padding_mask": token_ids != 0}
+    return GemmaCausalLM(assign_random_weights(backbone, seed))
 
 
 def _greedy(lm):
-    return to_numpy(lm.generate(_prompt(), stop_token_ids=None)["token_ids"])
+    return to_numpy(lm.generate(short_prompt(), stop_token_ids=None)["token_ids"])
 
 
 def _argmax_of_forward(lm, ids):

@@ -11,7 +11,14 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import BACKEND, tiny_config, to_numpy, traced_steps
+from conftest import (
+    BACKEND,
+    assign_random_weights,
+    short_prompt,
+    tiny_config,
+    to_numpy,
+    traced_steps,
+)
 
 from keras_gemma import GemmaBackbone, GemmaCausalLM
 
@@ -26,23 +33,13 @@ def _lm(seed=0, **overrides):
         head_dim=32, hidden_dim=64, intermediate_dim=128, use_query_key_norm=True,
         use_post_attention_norm=True, use_post_ffw_norm=True, **overrides
     )
-    backbone = GemmaBackbone(**config)
-    rng = np.random.default_rng(seed)
-    for variable in backbone.weights:
-        variable.assign(rng.normal(0, 0.3, variable.shape).astype("float32"))
-    return GemmaCausalLM(backbone)
-
-
-def _prompt():
-    token_ids = np.zeros((1, 12), "int32")
-    token_ids[0, :3] = [2, 7, 11]
-    return {"token_ids": token_ids, "padding_mask": token_ids != 0}
+    return GemmaCausalLM(assign_random_weights(GemmaBackbone(**config), seed))
 
 
 def _generate(lm, compiled, monkeypatch):
     monkeypatch.setenv("KERAS_GEMMA_TORCH_COMPILE", "1" if compiled else "0")
     lm.generator._functions = {}  # the step kind is chosen when a step is made
-    return to_numpy(lm.generate(_prompt(), stop_token_ids=None)["token_ids"])
+    return to_numpy(lm.generate(short_prompt(), stop_token_ids=None)["token_ids"])
 
 
 def _forward_argmax(lm, ids):
@@ -87,7 +84,7 @@ def test_a_weight_laid_out_anew_compiles_the_step_again(monkeypatch):
     row_major = value.is_contiguous()
     value.data = value.data.t().contiguous().t() if row_major else value.data.contiguous()
     assert value.is_contiguous() != row_major
-    again = to_numpy(lm.generate(_prompt(), stop_token_ids=None)["token_ids"])
+    again = to_numpy(lm.generate(short_prompt(), stop_token_ids=None)["token_ids"])
     assert step._traced is not compiled_once, "the step was not compiled again"
     np.testing.assert_array_equal(again, first)
 
