@@ -19,11 +19,17 @@ cache empty):
 and decode tok/s in one run of each benchmark (`--backends jax,torch,inductor`, 2 threads):
 the 270M float32 JAX 38.7, torch 39.1, compiled 42.1; int8 torch 90.3, compiled 98.5; int4
 torch 98.4, compiled 106.4 (llama.cpp Q4_K_M 94.4); the tiny shape batch 1 JAX 8,864, torch
-2,461, compiled 3,458 (batch 8: 2,401 / 1,245 / 2,238 a row). So it pays where the per-op overhead is a large share of a token: small models and the
+2,461, compiled 3,458 (batch 8: 2,401 / 1,245 / 2,238 a row); in another run the 270M
+bfloat16 traced 32.9, compiled 38.9 (float32 traced 37.2, compiled 37.8). So it pays where the per-op overhead is a large share of a token: small models and the
 packed low-bit products; float32 at 270M is bound by reading its weights. The cost is the
 compile, once per shape bucket and sampler (Inductor keeps compiled code on disk, so a
 second process compiles faster), which is why it is not the default. Set
 `KERAS_GEMMA_TORCH_COMPILE=1` before generating to use it.
+
+In bfloat16, Inductor keeps a fused kernel's intermediate values in float32 where the
+traced step rounds each op's result to bfloat16, so greedy text may part from the traced
+step's (the 270M's did after 4 tokens of 64); in float32, int8 and int4 the ids are equal
+(tests/test_torch_compiled_step.py).
 
 CPU only for now: on a GPU the same graph would want `mode="reduce-overhead"` (CUDA graph
 replay), which no GPU has run here yet; a model on a GPU keeps the traced step. A step that
