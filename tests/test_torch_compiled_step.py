@@ -2,9 +2,9 @@
 
 Its greedy ids equal the traced step's (float32 through oneDNN's product, recorded as
 keras_gemma's own operator; int8 and int4 through PyTorch's packed kernels) and a full
-forward pass's argmax; a weight laid out anew after compiling makes the step compile again
-(Inductor's code is specialized to strides). On JAX and TensorFlow the setting changes
-nothing.
+forward pass's argmax; a seeded top-k sampler draws the same tokens through both; a weight
+laid out anew after compiling makes the step compile again (Inductor's code is specialized
+to strides). On JAX and TensorFlow the setting changes nothing.
 """
 
 import shutil
@@ -97,6 +97,23 @@ def test_quantized_compiled_step_decodes_as_the_traced_one(mode, monkeypatch):
     traced = _generate(lm, False, monkeypatch)
     compiled = _generate(lm, True, monkeypatch)
     np.testing.assert_array_equal(compiled, traced)
+    if BACKEND == "torch":
+        (step,) = traced_steps(lm)
+        assert step.compiled, "the step fell back to tracing"
+
+
+@needs_compiler
+def test_compiled_step_samples_as_the_traced_one(monkeypatch):
+    """A seeded random sampler draws the same tokens through either step (its random bits
+    come from the key the step is given)."""
+    from keras_gemma.samplers import TopKSampler
+
+    lm = _lm(seed=3)
+    drawn = []
+    for compiled in (False, True):
+        lm.compile(sampler=TopKSampler(k=5, seed=1))
+        drawn.append(_generate(lm, compiled, monkeypatch))
+    np.testing.assert_array_equal(drawn[1], drawn[0])
     if BACKEND == "torch":
         (step,) = traced_steps(lm)
         assert step.compiled, "the step fell back to tracing"
