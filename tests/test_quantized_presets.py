@@ -122,17 +122,20 @@ def test_an_embedding_quantized_in_blocks_equals_one_quantized_whole(mode):
         np.testing.assert_array_equal(to_numpy(actual), to_numpy(expected), err_msg=expected.path)
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_kernels_quantized_in_blocks_of_rows_equal_ones_quantized_whole(mode):
+@pytest.mark.parametrize("mode,dtype", [("int8", "float32"), ("int4", "float32"),
+                                        ("int8", "bfloat16")])
+def test_kernels_quantized_in_blocks_of_rows_equal_ones_quantized_whole(mode, dtype):
     """Loading quantizes each kernel a block of its first (output) axis at a time; the
     variables equal `quantize(mode)` of the whole float model, for every kind of kernel
-    (query/key/value [heads, head_dim, hidden], output [hidden, heads, head_dim], FFN)."""
-    reference = GemmaBackbone(**tiny_config())
+    (query/key/value [heads, head_dim, hidden], output [hidden, heads, head_dim], FFN), also
+    in a bfloat16 model (whose scales numpy holds as ml_dtypes' bfloat16)."""
+    config = tiny_config(dtype=dtype)
+    reference = GemmaBackbone(**config)
     kernels = {layer.path: to_numpy(layer._kernel) for layer in reference._flatten_layers()
                if hasattr(layer, "equation")}
     reference.quantize(mode)
-    policy_map = quantized_loading.quantized_policy_map(GemmaBackbone, tiny_config(), mode)
-    built = GemmaBackbone(**{**tiny_config(), "dtype": policy_map})
+    policy_map = quantized_loading.quantized_policy_map(GemmaBackbone, config, mode)
+    built = GemmaBackbone(**{**config, "dtype": policy_map})
     expected = {layer.path: layer for layer in reference._flatten_layers()}
     filled = 0
     for layer in built._flatten_layers():

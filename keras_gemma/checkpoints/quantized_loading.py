@@ -195,7 +195,8 @@ class _RowsTarget:
             import torch
 
             with torch.no_grad():
-                self.variable.value[tuple(index)] = torch.from_numpy(value)
+                # Through Keras: numpy has no bfloat16 of its own (a bfloat16 model's scales).
+                self.variable.value[tuple(index)] = keras.ops.convert_to_tensor(value)
             return
         if self.table is None:
             self.table = np.empty(self.shape, dtype=value.dtype)
