@@ -125,7 +125,9 @@ def test_a_load_that_cannot_fit_is_refused_before_anything_is_built(
 def test_quantizing_while_loading_is_checked_too(tmp_path, monkeypatch, low_memory, nothing_built):
     _keras_gemma_dir(str(tmp_path))
     estimate = load_estimate(GEMMA_2B, "bfloat16", quantize="int8")
-    assert estimate.total > 4 * GB  # int8 2B: 2.5 GB of weights + the loader's working set
+    assert estimate.total > 3.5 * GB  # int8 2B: 2.5 GB of weights + the loader's working set
+    monkeypatch.setattr(memory_preflight, "available_memory",
+                        lambda root="/": memory_available.Headroom(int(3.5 * GB), "a test"))
     with pytest.raises(MemoryError, match=r"quantize='int8'.*int8 weights quantized while"):
         GemmaBackbone.from_preset(str(tmp_path), quantize="int8")
     # int4 needs less (1.7 GB of weights): with that much left the load starts.
@@ -206,7 +208,7 @@ def test_the_estimate_is_sane_on_a_tiny_model_and_orders_the_ways_out():
     assert 4 * largest <= float32.working_set - memory_preflight.RUNTIME_BYTES <= 8 * largest
     # The 2B shape: the figures measured by benchmarks/load_memory.py, within 15%.
     measured = {("float32", None): 12.49e9, ("bfloat16", None): 7.36e9,
-                ("bfloat16", "int8"): 4.47e9, ("bfloat16", "int4"): 4.11e9}
+                ("bfloat16", "int8"): 3.45e9, ("bfloat16", "int4"): 3.13e9}
     for (dtype, mode), peak in measured.items():
         assert 0.85 < load_estimate(GEMMA_2B, dtype, quantize=mode).total / peak < 1.15
     estimates = [load_estimate(GEMMA_2B, *case).total for case in

@@ -14,9 +14,9 @@ load adds to a fresh process that had imported keras_gemma, 0.25 GB; three runs 
     keras_gemma preset    weights    peak - before           estimate
     float32               10.02 GB   12.47 / 12.49 / 12.71   13.50 GB  (1.06-1.08)
     bfloat16               5.01 GB    6.73 /  7.36 /  7.36    7.13 GB  (0.97-1.06)
-    int8 (quantized while  2.51 GB    4.47 /  4.51 /  4.52    4.58 GB  (1.01-1.02)
+    int8 (quantized while  2.51 GB    3.45                    3.92 GB  (1.14)
       loading bfloat16)
-    int4 (the same)        1.70 GB    4.11                    4.04 GB  (0.98)
+    int4 (the same)        1.70 GB    3.13                    3.24 GB  (1.04)
     KerasHub preset, bfloat16  5.01 GB   7.40                 7.86 GB  (1.06)
 
 Beyond the weights a load holds about one more copy of the tensor being assigned (the largest
@@ -31,6 +31,9 @@ float32 twice (the model, then the arrays it is saved from: read off gguf.py and
 preset_format.py, not measured). Quantizing while loading (`quantize="int8"/"int4"`) holds
 the quantized weights, one kernel in float32 with its quantized copy, and about one float
 copy of the embedding (its file pages and its quantized table as it is assembled).
+(int8/int4 rows measured 2026-12-06, after quantizing moved to blocks of rows: they were
+4.47-4.52 and 4.11 GB with whole kernels. On torch, which writes the blocks in place: int8
+2.76, int4 2.12 GB, so the estimate is conservative there.)
 
 Skip the check with `check_memory=False` (`from_preset`, `quantize`) or by setting the
 environment variable KERAS_GEMMA_SKIP_MEMORY_CHECK=1, for users who know better (swap, a
@@ -42,6 +45,7 @@ import math
 import os
 
 from keras_gemma.config_without_tensorflow import config_of
+from keras_gemma.checkpoints import quantized_loading
 from keras_gemma.checkpoints.memory_available import available_memory
 from keras_gemma.layers.quantization_defaults import INT4_BLOCK_SIZE
 
@@ -139,10 +143,6 @@ def _largest(config):
     return max(math.prod(shape) for shape, _ in weight_table(config))
 
 
-def _largest_kernel(config):
-    return max(math.prod(shape) for shape, inputs in weight_table(config)[1:] if inputs)
-
-
 def load_estimate(config, dtype, kind="keras_gemma", quantize=None, file_bytes=0):
     """What `from_preset` of a `kind` checkpoint holds at its peak, as a `MemoryEstimate`.
 
@@ -156,12 +156,12 @@ def load_estimate(config, dtype, kind="keras_gemma", quantize=None, file_bytes=0
     largest = _largest(config)
     weights = weight_bytes(config, dtype, quantize)
     if quantize is not None:
-        # One kernel in float32 in the scratch layer and its quantized copy (int4 also holds
-        # it transposed and its grouped temporaries: measured, 4 copies), and about one float
-        # copy of the embedding: its file pages read block by block and its quantized table
-        # assembled beside the variable it then replaces.
-        kernel_copies = 4 if quantize == "int4" else 2
-        working = kernel_copies * _largest_kernel(config) * 4 + largest * _float_bytes(dtype)
+        # A block of rows in float32 in the scratch layer with its temporaries (int4 makes
+        # twice int8's), and the embedding's int8 table gathered before it replaces the
+        # variable (quantized_loading.py; torch writes blocks in place and needs less: the
+        # estimate keeps JAX's figure, as RUNTIME_BYTES does).
+        blocks = (8 if quantize == "int4" else 4) * quantized_loading.BLOCK_BYTES
+        working = blocks + largest
         description = f"{quantize} weights quantized while loading"
     else:
         working = int(_COPIES_PER_KIND.get(kind, 2) * largest * _float_bytes(dtype))

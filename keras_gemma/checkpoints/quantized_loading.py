@@ -127,7 +127,7 @@ def _quantize_config(policy):
 
 
 # Float32 bytes of weight quantized at a time while loading.
-_BLOCK_BYTES = 32 << 20
+BLOCK_BYTES = 32 << 20
 
 
 def fill(layer, read_rows, rows, rows_per_chunk=None):
@@ -153,7 +153,7 @@ def fill(layer, read_rows, rows, rows_per_chunk=None):
 def _fill(layer, read_rows, rows, rows_per_chunk):
     if rows_per_chunk is None:
         row_bytes = read_rows(0, 1).nbytes
-        rows_per_chunk = max(2, _BLOCK_BYTES // max(row_bytes, 1))
+        rows_per_chunk = max(2, BLOCK_BYTES // max(row_bytes, 1))
     rows_per_chunk += rows_per_chunk % 2  # int4 packs pairs of rows into one byte
     targets = {variable.name: _RowsTarget(variable) for variable in layer.weights}
     for start in range(0, rows, rows_per_chunk):
