@@ -5,13 +5,11 @@ per variable, only for a checkpoint to replace them. Loaders build inside
 `skip_random_initialization()`, where the layers ask for zeros instead.
 """
 
-import contextlib
-import threading
+from keras_gemma.layers.thread_flag import ThreadFlag
 
-_state = threading.local()
+_skip = ThreadFlag()
 
 
-@contextlib.contextmanager
 def skip_random_initialization():
     """Inside this context, keras_gemma layers initialize their weights to zeros.
 
@@ -20,14 +18,9 @@ def skip_random_initialization():
     ...     backbone = GemmaBackbone(**config)   # fast; weights are all zero
     >>> load_weights(backbone, directory)
     """
-    previous = getattr(_state, "skip", False)
-    _state.skip = True
-    try:
-        yield
-    finally:
-        _state.skip = previous
+    return _skip.raised()
 
 
 def initializer(default):
     """`default`, or "zeros" inside `skip_random_initialization()`."""
-    return "zeros" if getattr(_state, "skip", False) else default
+    return "zeros" if _skip.is_raised() else default

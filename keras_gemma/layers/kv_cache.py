@@ -1,17 +1,15 @@
 """Keys and values written into a preallocated KV cache [batch, 2, max_length, kv, head_dim]."""
 
-import contextlib
-import threading
-
 import keras
 from keras import ops
 
+from keras_gemma.layers.thread_flag import ThreadFlag
+
 # Per thread: one thread tracing its decode step must not make another thread's eager
 # `call_with_cache` write into the cache its caller still holds.
-_in_place = threading.local()
+_in_place = ThreadFlag()
 
 
-@contextlib.contextmanager
 def cache_writes_in_place():
     """Within this context the torch backend writes KV caches in place.
 
@@ -21,12 +19,7 @@ def cache_writes_in_place():
     TensorFlow, whose compiled `slice_update` already writes in place) caches are values:
     `call_with_cache` never changes the cache it is given.
     """
-    previous = getattr(_in_place, "active", False)
-    _in_place.active = True
-    try:
-        yield
-    finally:
-        _in_place.active = previous
+    return _in_place.raised()
 
 
 def write_to_cache(cache, start_index, keys_and_values):
@@ -37,7 +30,7 @@ def write_to_cache(cache, start_index, keys_and_values):
     >>> cache = write_to_cache(cache, index, ops.stack((key, value), axis=1))
     """
     if (
-        getattr(_in_place, "active", False)
+        _in_place.is_raised()
         and keras.backend.backend() == "torch"
         # A broadcast view cannot be written in place (its rows share memory): the
         # contrastive sampler's candidate caches, which Keras' torch `repeat` expands.

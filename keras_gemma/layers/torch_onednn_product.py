@@ -22,15 +22,14 @@ inference products of several rows (prefill, a forward pass): the real Gemma 3 2
 0.394 -> 0.351 s. Decode steps keep decode_matmul.py's measured forms.
 """
 
-import contextlib
 import functools
 import math
-import threading
 
 import keras
 
 from keras_gemma.layers import quantized_products
 from keras_gemma.layers import torch_product_choice
+from keras_gemma.layers.thread_flag import ThreadFlag
 
 
 def runs_here(inputs, kernel, training):
@@ -81,7 +80,7 @@ def linear_outside_autograd(inputs, weight):
         # Traced by torch.compile (`jit_compile=True`): Inductor cannot lower this operator
         # with weights that are not constants, and it makes its own products.
         return torch.nn.functional.linear(inputs, weight)
-    if getattr(_for_inductor, "active", False):
+    if _for_inductor.is_raised():
         return _opaque_linear()(inputs, weight)
     if torch.jit.is_tracing():
         # torch.jit.trace cannot record the operator's empty `Scalar?[]` argument; a
@@ -91,10 +90,9 @@ def linear_outside_autograd(inputs, weight):
 
 
 # Per thread: only the thread recording a decode step for Inductor records the operator.
-_for_inductor = threading.local()
+_for_inductor = ThreadFlag()
 
 
-@contextlib.contextmanager
 def recorded_for_inductor():
     """Within this context, oneDNN products are recorded as the operator
     `keras_gemma::onednn_linear` (generation/torch_compiled_step.py): Inductor lowers
@@ -105,12 +103,7 @@ def recorded_for_inductor():
     >>> with recorded_for_inductor():
     ...     graph = make_fx(step)(*inputs)
     """
-    previous = getattr(_for_inductor, "active", False)
-    _for_inductor.active = True
-    try:
-        yield
-    finally:
-        _for_inductor.active = previous
+    return _for_inductor.raised()
 
 
 @functools.lru_cache(maxsize=None)
