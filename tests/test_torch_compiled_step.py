@@ -1,8 +1,9 @@
 """The decode step compiled by Inductor (`KERAS_GEMMA_TORCH_COMPILE=1`, torch on a CPU).
 
-Its greedy ids equal the traced step's (float32 through oneDNN's product, recorded as
-keras_gemma's own operator; int8 and int4 through PyTorch's packed kernels) and a full
-forward pass's argmax; a seeded top-k sampler draws the same tokens through both; a weight
+Its greedy ids equal the traced step's and a full forward pass's argmax: one row's products
+written as Inductor's own loops (one_row_product.py: float32, and int8 with no packed int8
+kernel left), two rows' through oneDNN (recorded as keras_gemma's own operator), int4
+through PyTorch's packed kernel; a seeded top-k sampler draws the same tokens through both; a weight
 laid out anew after compiling makes the step compile again (Inductor's code is specialized
 to strides). On JAX and TensorFlow the setting changes nothing.
 """
@@ -36,10 +37,11 @@ def _lm(seed=0, **overrides):
     return GemmaCausalLM(assign_random_weights(GemmaBackbone(**config), seed))
 
 
-def _generate(lm, compiled, monkeypatch):
+def _generate(lm, compiled, monkeypatch, prompts=None):
     monkeypatch.setenv("KERAS_GEMMA_TORCH_COMPILE", "1" if compiled else "0")
     lm.generator._functions = {}  # the step kind is chosen when a step is made
-    return to_numpy(lm.generate(short_prompt(), stop_token_ids=None)["token_ids"])
+    prompts = short_prompt() if prompts is None else prompts
+    return to_numpy(lm.generate(prompts, stop_token_ids=None)["token_ids"])
 
 
 def _forward_argmax(lm, ids):
@@ -48,13 +50,27 @@ def _forward_argmax(lm, ids):
     return np.argmax(to_numpy(lm.backbone.token_embedding(hidden, reverse=True))[0], axis=-1)
 
 
+# Library products in a recorded step's graph: a batch of one row takes none of them
+# (one_row_product.py writes each as a multiply and a sum that Inductor compiles itself).
+LIBRARY_PRODUCTS = (
+    "aten.mm.default", "aten.addmm.default", "keras_gemma.onednn_linear.default",
+    "aten._weight_int8pack_mm.default",
+)
+
+
+def _two_prompts():
+    token_ids = np.repeat(short_prompt()["token_ids"], 2, axis=0)
+    token_ids[1, 1] = 5
+    return {"token_ids": token_ids, "padding_mask": token_ids != 0}
+
+
 @needs_compiler
 def test_compiled_step_decodes_as_the_traced_one(monkeypatch):
     if BACKEND == "torch":
         import keras_gemma.layers.decode_matmul as decode_matmul_module
 
-        # oneDNN for every float32 product (the tiny kernels are below the size where it
-        # pays): the compiled step must call it as keras_gemma's operator.
+        # oneDNN for every float32 product of several rows (the tiny kernels are below the
+        # size where it pays): the compiled step must call it as keras_gemma's operator.
         monkeypatch.setenv("KERAS_GEMMA_TORCH_ONEDNN", "1")
         monkeypatch.setattr(decode_matmul_module, "ONEDNN_SMALLEST_KERNEL_BYTES", 0)
     lm = _lm()
@@ -62,12 +78,20 @@ def test_compiled_step_decodes_as_the_traced_one(monkeypatch):
     compiled = _generate(lm, True, monkeypatch)
     np.testing.assert_array_equal(compiled, traced)
     np.testing.assert_array_equal(compiled[0, 3:], _forward_argmax(lm, compiled)[2:])
-    if BACKEND != "torch":
-        return
-    (step,) = traced_steps(lm)
-    assert step.compiled, "the step fell back to tracing"
-    targets = [str(node.target) for node in step.graph.nodes]
-    assert targets.count("keras_gemma.onednn_linear.default") >= 7  # 3 a block + logits
+    if BACKEND == "torch":
+        (step,) = traced_steps(lm)
+        assert step.compiled, "the step fell back to tracing"
+        targets = [str(node.target) for node in step.graph.nodes]
+        assert not [t for t in targets if t in LIBRARY_PRODUCTS]
+    # Two rows: the library products, oneDNN's as keras_gemma's operator.
+    traced = _generate(lm, False, monkeypatch, _two_prompts())
+    compiled = _generate(lm, True, monkeypatch, _two_prompts())
+    np.testing.assert_array_equal(compiled, traced)
+    if BACKEND == "torch":
+        (step,) = traced_steps(lm)
+        assert step.compiled, "the step fell back to tracing"
+        targets = [str(node.target) for node in step.graph.nodes]
+        assert targets.count("keras_gemma.onednn_linear.default") >= 7  # 3 a block + logits
 
 
 @needs_compiler
@@ -100,6 +124,10 @@ def test_quantized_compiled_step_decodes_as_the_traced_one(mode, monkeypatch):
     if BACKEND == "torch":
         (step,) = traced_steps(lm)
         assert step.compiled, "the step fell back to tracing"
+        targets = [str(node.target) for node in step.graph.nodes]
+        # int8: every product one row (one_row_product.py); int4: the packed int4 kernel,
+        # the tied logits of an int8 table one row.
+        assert not [t for t in targets if t in LIBRARY_PRODUCTS]
 
 
 @needs_compiler

@@ -41,7 +41,7 @@ import os
 import warnings
 
 from keras_gemma.generation.torch_step import TracedStep
-from keras_gemma.layers import torch_onednn_product
+from keras_gemma.layers import inductor_recording
 
 
 def compile_enabled():
@@ -96,29 +96,28 @@ class CompiledStep(TracedStep):
         try:
             from torch.fx.experimental.proxy_tensor import make_fx
 
-            with torch_onednn_product.recorded_for_inductor(), torch.no_grad():
+            with inductor_recording.on(), torch.no_grad():
                 module = make_fx(flat_function)(*inputs)
-            program = torch.compile(
-                module,
-                backend="inductor",
-                fullgraph=True,
-                dynamic=False,
-                options={"cpp_wrapper": True},
-            )
+            # Inductor straight on the recorded graph, without dynamo: no guards evaluated
+            # on each call (`_stale` checks what matters; dynamo's cost ~0.1-0.5 ms a call)
+            # and none to fail (`torch.compile` of the int8 step's graph recompiled under
+            # `skip_guard_eval_unsafe` and failed). make_fx's example values are dropped:
+            # the packed int8 constants, made outside the recording, carry another fake
+            # mode, and Inductor refused the mix; it traces the graph afresh without them.
+            for node in module.graph.nodes:
+                node.meta.pop("val", None)
+                node.meta.pop("tensor_meta", None)
+            with torch.no_grad():
+                program = torch._inductor.compile(
+                    module, list(inputs), options={"cpp_wrapper": True}
+                )
 
             def run(*arguments):
-                # One program per instance, for these layouts (checked by `_stale`), compiled
-                # without gradients (another grad mode would ask for a recompilation).
-                with torch.no_grad(), torch.compiler.set_stance(
-                    "default", skip_guard_eval_unsafe=True
-                ):
+                with torch.no_grad():
                     return program(*arguments)
 
-            # Compiles now, so that a failure falls back here rather than mid-generate, then
-            # runs as generate will (the stance needs torch 2.6). Each call runs the step:
-            # the cache writes repeat the recording's, in place.
-            with torch.no_grad():
-                program(*inputs)
+            # Runs once now, so that a failure falls back here rather than mid-generate.
+            # Each call runs the step: the cache writes repeat the recording's, in place.
             run(*inputs)
         except Exception as error:
             warnings.warn(

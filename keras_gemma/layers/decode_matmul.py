@@ -29,6 +29,8 @@ import math
 import keras
 from keras import ops
 
+from keras_gemma.layers import one_row_product
+
 
 def decode_matmul(inputs, kernel):
     """`inputs @ kernel.T` for `inputs` [rows, in] and `kernel` [out, in].
@@ -38,6 +40,10 @@ def decode_matmul(inputs, kernel):
     (1, 3)
     """
     backend = keras.backend.backend()
+    if backend == "torch" and one_row_product.applies(inputs, kernel):
+        # Recorded for the Inductor-compiled step: one row reads the kernel fastest in a loop
+        # Inductor writes itself (one_row_product.py).
+        return one_row_product.product(inputs, kernel).to(inputs.dtype)
     if backend == "torch" and _onednn_takes(inputs, kernel):
         from keras_gemma.layers.torch_onednn_product import linear_outside_autograd
 

@@ -51,6 +51,8 @@ else keeps Keras' differentiable call (LoRA training, QLoRA).
 import keras
 import numpy as np
 
+from keras_gemma.layers import one_row_product
+
 TORCH_INT4_GROUPS = (32, 64, 128, 256)
 
 
@@ -204,6 +206,10 @@ def int8_matmul(x2d, weights):
     import torch
 
     int8, inverse_scale = weights
+    if one_row_product.applies(x2d, int8):
+        # One row in the Inductor-compiled step (one_row_product.py); the result in the
+        # kernel's dtype.
+        return one_row_product.product(x2d, int8, inverse_scale).to(x2d.dtype)
     return torch.ops.aten._weight_int8pack_mm(x2d, int8, inverse_scale)
 
 

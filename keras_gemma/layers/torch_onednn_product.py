@@ -29,7 +29,7 @@ import keras
 
 from keras_gemma.layers import quantized_products
 from keras_gemma.layers import torch_product_choice
-from keras_gemma.layers.thread_flag import ThreadFlag
+from keras_gemma.layers import inductor_recording
 
 
 def runs_here(inputs, kernel, training):
@@ -80,30 +80,13 @@ def linear_outside_autograd(inputs, weight):
         # Traced by torch.compile (`jit_compile=True`): Inductor cannot lower this operator
         # with weights that are not constants, and it makes its own products.
         return torch.nn.functional.linear(inputs, weight)
-    if _for_inductor.is_raised():
+    if inductor_recording.is_on():
         return _opaque_linear()(inputs, weight)
     if torch.jit.is_tracing():
         # torch.jit.trace cannot record the operator's empty `Scalar?[]` argument; a
         # TorchScript function can (torch_step.simplified inlines the call).
         return _scripted_linear()(inputs, weight)
     return torch.ops.mkldnn._linear_pointwise(inputs, weight, None, "none", [], "")
-
-
-# Per thread: only the thread recording a decode step for Inductor records the operator.
-_for_inductor = ThreadFlag()
-
-
-def recorded_for_inductor():
-    """Within this context, oneDNN products are recorded as the operator
-    `keras_gemma::onednn_linear` (generation/torch_compiled_step.py): Inductor lowers
-    `mkldnn._linear_pointwise` only for weights it holds as constants, and the decode step
-    passes its weights in; an operator it does not know it calls as it is.
-
-    Example:
-    >>> with recorded_for_inductor():
-    ...     graph = make_fx(step)(*inputs)
-    """
-    return _for_inductor.raised()
 
 
 @functools.lru_cache(maxsize=None)
