@@ -1,8 +1,9 @@
 """one_row_product: a one-row product written as a multiply and a sum (torch only).
 
-Only while a step is recorded for Inductor, only for one row of a row-major kernel; its
-values equal numpy's product of the same numbers (float32, bfloat16 and int8 with per-row
-scales). Its speed and its place in the compiled step: test_torch_compiled_step.py.
+Only while a step is recorded for Inductor, only for one row of a row-major kernel; the
+operator the recording runs (in blocks of kernel rows) and the multiply-and-sum form
+Inductor compiles equal numpy's product of the same numbers (float32, bfloat16 and int8
+with per-row scales). Its speed and its place in the compiled step: test_torch_compiled_step.py.
 """
 
 import numpy as np
@@ -27,7 +28,7 @@ def test_applies_to_one_row_while_recording_only():
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
-def test_product_equals_numpy(dtype):
+def test_product_equals_numpy(dtype, monkeypatch):
     import torch
 
     from keras_gemma.layers import one_row_product
@@ -40,9 +41,21 @@ def test_product_equals_numpy(dtype):
     else:
         kernel = torch.tensor(rng.normal(size=(40, 48)), dtype=getattr(torch, dtype))
         scale = None
-    got = one_row_product.product(torch.tensor(rows), kernel, scale)
-    assert got.dtype == torch.float32 and tuple(got.shape) == (1, 40)
     expected = rows.astype("float64") @ kernel.to(torch.float64).numpy().T
     if scale is not None:
         expected = expected * scale.numpy()
-    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(one_row_product, "EAGER_BLOCK_ROWS", 16)  # 40 rows: blocks of 16
+    # The operator as recorded (run eagerly, in blocks of rows) and the form Inductor gets.
+    for form in (one_row_product.product, one_row_product.as_reduction):
+        got = form(torch.tensor(rows), kernel, scale)
+        assert got.dtype == torch.float32 and tuple(got.shape) == (1, 40)
+        np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_inductor_takes_the_reduction_form():
+    import torch
+
+    from keras_gemma.layers import one_row_product
+
+    (operator,) = one_row_product.decompositions()
+    assert operator is torch.ops.keras_gemma.one_row_product.default

@@ -83,6 +83,7 @@ def test_compiled_step_decodes_as_the_traced_one(monkeypatch):
         assert step.compiled, "the step fell back to tracing"
         targets = [str(node.target) for node in step.graph.nodes]
         assert not [t for t in targets if t in LIBRARY_PRODUCTS]
+        assert targets.count("keras_gemma.one_row_product.default") == 9  # 4 a block + logits
     # Two rows: the library products, oneDNN's as keras_gemma's operator.
     traced = _generate(lm, False, monkeypatch, _two_prompts())
     compiled = _generate(lm, True, monkeypatch, _two_prompts())

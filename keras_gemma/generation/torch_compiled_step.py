@@ -42,6 +42,7 @@ import warnings
 
 from keras_gemma.generation.torch_step import TracedStep
 from keras_gemma.layers import inductor_recording
+from keras_gemma.layers import one_row_product
 
 
 def compile_enabled():
@@ -94,6 +95,8 @@ class CompiledStep(TracedStep):
         if any(t.device.type != "cpu" for t in inputs):
             return super()._record(flat_function, inputs)
         try:
+            from torch._inductor.compile_fx import compile_fx
+            from torch._inductor.decomposition import select_decomp_table
             from torch.fx.experimental.proxy_tensor import make_fx
 
             with inductor_recording.on(), torch.no_grad():
@@ -108,8 +111,9 @@ class CompiledStep(TracedStep):
                 node.meta.pop("val", None)
                 node.meta.pop("tensor_meta", None)
             with torch.no_grad():
-                program = torch._inductor.compile(
-                    module, list(inputs), options={"cpp_wrapper": True}
+                program = compile_fx(
+                    module, list(inputs), config_patches={"cpp_wrapper": True},
+                    decompositions={**select_decomp_table(), **one_row_product.decompositions()},
                 )
 
             def run(*arguments):

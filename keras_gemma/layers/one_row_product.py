@@ -29,6 +29,9 @@ Example:
 ...         logits = one_row_product.product(rows, kernel)
 """
 
+import functools
+import typing
+
 from keras_gemma.layers import inductor_recording
 
 
@@ -47,12 +50,22 @@ def applies(rows, kernel):
 
 def product(rows, kernel, scale=None):
     """float32 `(rows @ kernel.T) * scale` for `rows` [1, in], `kernel` [out, in] of any
-    dtype and `scale` [out] or None, as an element-wise product and a sum over `in`.
+    dtype and `scale` [out] or None, recorded as the operator `keras_gemma::one_row_product`,
+    which the compiled step's Inductor call replaces by `as_reduction` (`decompositions`).
+
+    The recording (make_fx, real tensors) runs the operator once: it multiplies blocks of
+    the kernel's rows, never holding a float32 copy of the whole kernel or the [1, out, in]
+    terms of `as_reduction` (the 270M's logits: 1.3 GB more at the recording's peak).
 
     Example:
     >>> product(torch.ones(1, 4), torch.ones(3, 4, dtype=torch.int8), torch.ones(3)).shape
     torch.Size([1, 3])
     """
+    return _operator()(rows, kernel, scale)
+
+
+def as_reduction(rows, kernel, scale=None):
+    """`product` as an element-wise product and a sum over `in`: what Inductor compiles."""
     import torch
 
     # `as_strided` makes Inductor store the row in float32 before the loop: otherwise it
@@ -66,3 +79,38 @@ def product(rows, kernel, scale=None):
     if scale is not None:
         result = result * scale.to(torch.float32)
     return result
+
+
+def decompositions():
+    """`{operator: as_reduction}`, for Inductor's `compile_fx(..., decompositions=...)`."""
+    _operator()
+    import torch
+
+    return {torch.ops.keras_gemma.one_row_product.default: as_reduction}
+
+
+# Kernel rows multiplied at a time when the operator runs eagerly (32 MB of float32 at 640
+# inputs a row).
+EAGER_BLOCK_ROWS = 1 << 14
+
+
+@functools.lru_cache(maxsize=None)
+def _operator():
+    import torch
+
+    @torch.library.custom_op("keras_gemma::one_row_product", mutates_args=())
+    def one_row_product(
+        rows: torch.Tensor, kernel: torch.Tensor, scale: typing.Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        row = rows.to(torch.float32)
+        result = torch.empty((rows.shape[0], kernel.shape[0]), dtype=torch.float32)
+        for start in range(0, kernel.shape[0], EAGER_BLOCK_ROWS):
+            block = kernel[start:start + EAGER_BLOCK_ROWS].to(torch.float32)
+            result[:, start:start + EAGER_BLOCK_ROWS] = row @ block.T
+        return result if scale is None else result * scale.to(torch.float32)
+
+    @one_row_product.register_fake
+    def _(rows, kernel, scale):
+        return rows.new_empty((rows.shape[0], kernel.shape[0]), dtype=torch.float32)
+
+    return one_row_product
