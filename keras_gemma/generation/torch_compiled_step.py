@@ -3,38 +3,42 @@
 The traced step (torch_step.py) replays its recorded aten ops one dispatch at a time: ~85 a
 Gemma 3 block in float32, ~1,500-2,000 a token on the 270M. Here the same step is recorded
 by `make_fx` (aten ops, no Keras Python, ~2 s for the 270M) and compiled by Inductor with
-its C++ wrapper: the element-wise ops of a block (norms, RoPE, softmax, gating) fuse into a
-few loops, and the products (oneDNN's, the packed int8/int4 ones) are called from C++.
+its C++ wrapper (`compile_fx` on the recorded graph; no dynamo, so no guards on each call):
+the element-wise ops of a block (norms, RoPE, softmax, gating) fuse into a few loops; a
+product of one row (batch 1) becomes a loop of Inductor's own that streams the weight at
+memory speed (layers/one_row_product.py: float32, bfloat16 and int8 weights); products of
+several rows call oneDNN's or the packed int8/int4 kernels from C++.
 
-Measured (2026-12-06, the 2-core AMD EPYC with AVX-512, 2 torch threads, torch 2.13; one
-step replayed, best of 5 x 30, traced -> compiled, same ids; first compile, Inductor's disk
-cache empty):
+Measured (2026-12-06, the 2-core AMD EPYC with AVX-512, 2 torch threads, torch 2.13), decode
+tok/s in one run of `benchmarks/gemma3_270m.py --backends jax,torch,inductor` (batch 1, 64
+new tokens; llama.cpp Q4_K_M, native build, 94.9 in the same run):
 
-    model, weights                    traced ms   compiled ms   compile s
-    tiny shape (benchmarks/generate)    0.345       0.240          6
-    Gemma 3 270M float32               23.9        23.2-23.7      32
-    Gemma 3 270M int8                  10.76        9.05          45
-    Gemma 3 270M int4                   9.53        8.26          47
+    Gemma 3 270M    JAX     torch traced   torch compiled   first compile s (cold cache)
+    float32         36.0        28.8           41.2              49
+    bfloat16        55.7        40.0           83.2              58
+    int8            67.3        90.3          130.1              39
+    int4            35.7        91.1          131.3             104
 
-and decode tok/s in one run of each benchmark (`--backends jax,torch,inductor`, 2 threads):
-the 270M float32 JAX 38.7, torch 39.1, compiled 42.1; int8 torch 90.3, compiled 98.5; int4
-torch 98.4, compiled 106.4 (llama.cpp Q4_K_M 94.4); the tiny shape batch 1 JAX 8,864, torch
-2,461, compiled 3,458 (batch 8: 2,401 / 1,245 / 2,238 a row); in another run the 270M
-bfloat16 traced 32.9, compiled 38.9 (float32 traced 37.2, compiled 37.8). So it pays where the per-op overhead is a large share of a token: small models and the
-packed low-bit products; float32 at 270M is bound by reading its weights. The cost is the
-compile, once per shape bucket and sampler (Inductor keeps compiled code on disk, so a
-second process compiles faster), which is why it is not the default. Set
-`KERAS_GEMMA_TORCH_COMPILE=1` before generating to use it.
+and in one run of `benchmarks/generate.py --backends jax,torch,inductor` (the tiny shape,
+2 layers, hidden 256): batch 1 JAX 8,980, torch traced 2,298, compiled 8,018 tok/s; batch 8
+1,929 / 1,257 / 2,523 a row. Before one-row products (the same step with the library
+products; A/B in one process): 270M bfloat16 44.9 -> 67.7, int8 92.9 -> 131.8, int4
+102.9 -> 128.2, float32 30.5 -> 39.0; the tiny shape 4,567 -> 8,066 (and 3,458 with
+`torch.compile`'s dynamo in front). The cost is the compile, once per shape bucket and
+sampler, seconds for small models and about a minute for the 270M (Inductor keeps
+compiled code on disk, so a second process compiles faster; the recording runs the step
+once with real weights, so the compile adds ~0.4-0.7 GB to the 270M's peak RSS), which is
+why it is not the default. Set `KERAS_GEMMA_TORCH_COMPILE=1` before generating to use it.
 
-In bfloat16, Inductor keeps a fused kernel's intermediate values in float32 where the
-traced step rounds each op's result to bfloat16, so greedy text may part from the traced
-step's (the 270M's did after 4 tokens of 64); in float32, int8 and int4 the ids are equal
+Inductor keeps a fused kernel's intermediate values in float32 where the traced step rounds
+each op's result to bfloat16 (and skips bfloat16 round trips), so a bfloat16 model's greedy
+text may part from the traced step's (the 270M's stayed with float32's text for 64 tokens
+where the traced bfloat16 step parted after 4); in float32, int8 and int4 the ids are equal
 (tests/test_torch_compiled_step.py).
 
-CPU only for now: on a GPU the same graph would want `mode="reduce-overhead"` (CUDA graph
-replay), which no GPU has run here yet; a model on a GPU keeps the traced step. A step that
-`make_fx` cannot record or Inductor cannot compile (a warning says why) falls back to the
-traced step.
+CPU only for now: on a GPU the same graph would want CUDA graph replay, which no GPU has
+run here yet; a model on a GPU keeps the traced step. A step that `make_fx` cannot record
+or Inductor cannot compile (a warning says why) falls back to the traced step.
 """
 
 import os
@@ -56,8 +60,8 @@ class CompiledStep(TracedStep):
     inputs; a step whose frozen values changed is compiled again). Inductor's code assumes
     the strides and dtypes it was compiled for: a step whose inputs are laid out otherwise
     (a weight replaced by a tensor of another memory order) is compiled again, checked here
-    rather than by `torch.compile`'s guards, which cost ~0.5 ms a call for the 270M's ~600
-    inputs (the tiny shape: 3,196 -> 3,671 tok/s without them). After the first call,
+    (`_stale`): the program is Inductor's alone, without `torch.compile`'s guards, which
+    cost ~0.5 ms a call for the 270M's ~600 inputs. After the first call,
     `compiled` says whether Inductor's program runs (False: the traced step does), and
     `graph` is the recorded `torch.fx` graph.
 
