@@ -10,15 +10,19 @@ memory speed (layers/one_row_product.py: float32, bfloat16 and int8 weights); pr
 several rows call oneDNN's or the packed int8/int4 kernels from C++.
 
 Measured (2026-12-06, the 2-core AMD EPYC with AVX-512, 2 torch threads, torch 2.13), decode
-tok/s in one run of `benchmarks/gemma3_270m.py --backends jax,torch,inductor` (batch 1, 64
-new tokens; llama.cpp Q4_K_M, native build, 94.9 in the same run):
+tok/s and peak RSS in one run of `benchmarks/gemma3_270m.py --backends jax,torch,inductor`
+(batch 1, 64 new tokens; llama.cpp Q4_K_M, native build, 93.0 in 0.4 GB in the same run):
 
-    Gemma 3 270M    JAX     torch traced   torch compiled   first compile s (cold cache)
-    float32         36.0        28.8           41.2              49
-    bfloat16        55.7        40.0           83.2              58
-    int8            67.3        90.3          130.1              39
-    int4            35.7        91.1          131.3             104
+    Gemma 3 270M    JAX          torch traced   torch compiled   first compile s (cold)
+    float32         44.6 2.1 GB   32.1 2.9 GB    41.4 2.9 GB       47
+    bfloat16        54.5 1.8      39.9 1.5       93.9 1.5          32
+    int8            64.0 1.8      86.1 1.1      134.6 1.4          36
+    int4            35.7 2.8      90.6 1.1      126.8 1.2         106
 
+In an earlier run of the same code bar the recording's memory (below): float32 36.0 /
+28.8 / 41.2, bfloat16 55.7 / 40.0 / 83.2, int8 67.3 / 90.3 / 130.1, int4 35.7 / 91.1 /
+131.3, llama.cpp 94.9: float32 is bound by reading 1.07 GB a token in both JAX and the
+compiled step (~45 GB/s), and which is ahead moves with the machine.
 and in one run of `benchmarks/generate.py --backends jax,torch,inductor` (the tiny shape,
 2 layers, hidden 256): batch 1 JAX 8,980, torch traced 2,298, compiled 8,018 tok/s; batch 8
 1,929 / 1,257 / 2,523 a row. Before one-row products (the same step with the library
@@ -27,8 +31,8 @@ products; A/B in one process): 270M bfloat16 44.9 -> 67.7, int8 92.9 -> 131.8, i
 `torch.compile`'s dynamo in front). The cost is the compile, once per shape bucket and
 sampler, seconds for small models and about a minute for the 270M (Inductor keeps
 compiled code on disk, so a second process compiles faster; the recording runs the step
-once with real weights, so the compile adds ~0.4-0.7 GB to the 270M's peak RSS), which is
-why it is not the default. Set `KERAS_GEMMA_TORCH_COMPILE=1` before generating to use it.
+once with real weights: +0.05-0.3 GB at the 270M's peak), which is why it is not the
+default. Set `KERAS_GEMMA_TORCH_COMPILE=1` before generating to use it.
 
 Inductor keeps a fused kernel's intermediate values in float32 where the traced step rounds
 each op's result to bfloat16 (and skips bfloat16 round trips), so a bfloat16 model's greedy
