@@ -21,8 +21,10 @@ tok/s and peak RSS in one run of `benchmarks/gemma3_270m.py --backends jax,torch
 
 In an earlier run of the same code bar the recording's memory (below): float32 36.0 /
 28.8 / 41.2, bfloat16 55.7 / 40.0 / 83.2, int8 67.3 / 90.3 / 130.1, int4 35.7 / 91.1 /
-131.3, llama.cpp 94.9: float32 is bound by reading 1.07 GB a token in both JAX and the
-compiled step (~45 GB/s), and which is ahead moves with the machine.
+131.3, llama.cpp 94.9. float32 reads 1.07 GB a token, and its compiled step's speed is
+bimodal here: five runs (`--implementations keras_gemma --backends jax,inductor`, this
+table's included) gave JAX 36.0, 44.6, 36.7, 40.7, 39.5 and compiled 41.2, 41.4, 60.4,
+58.9, 39.8 tok/s: ahead in four, at ~40 or ~59 (not explained yet).
 and in one run of `benchmarks/generate.py --backends jax,torch,inductor` (the tiny shape,
 2 layers, hidden 256): batch 1 JAX 8,980, torch traced 2,298, compiled 8,018 tok/s; batch 8
 1,929 / 1,257 / 2,523 a row. Before one-row products (the same step with the library
