@@ -122,13 +122,25 @@ def test_quantized_compiled_step_decodes_as_the_traced_one(mode, monkeypatch):
     traced = _generate(lm, False, monkeypatch)
     compiled = _generate(lm, True, monkeypatch)
     np.testing.assert_array_equal(compiled, traced)
+    # A second, wider bucket in the same process gets a program of its own (through
+    # `torch.compile`, the 270M's int8 step failed on its second bucket: a recompilation
+    # under `skip_guard_eval_unsafe`).
+    wide = {key: np.pad(value, ((0, 0), (0, 40))) for key, value in short_prompt().items()}
+    wide_traced = _generate(lm, False, monkeypatch, wide)
+    lm.generator._functions = {}
+    monkeypatch.setenv("KERAS_GEMMA_TORCH_COMPILE", "1")
+    first = to_numpy(lm.generate(short_prompt(), stop_token_ids=None)["token_ids"])
+    second = to_numpy(lm.generate(wide, stop_token_ids=None)["token_ids"])
+    np.testing.assert_array_equal(first, traced)
+    np.testing.assert_array_equal(second, wide_traced)
     if BACKEND == "torch":
-        (step,) = traced_steps(lm)
-        assert step.compiled, "the step fell back to tracing"
-        targets = [str(node.target) for node in step.graph.nodes]
-        # int8: every product one row (one_row_product.py); int4: the packed int4 kernel,
-        # the tied logits of an int8 table one row.
-        assert not [t for t in targets if t in LIBRARY_PRODUCTS]
+        steps = traced_steps(lm)
+        assert len(steps) == 2 and all(step.compiled for step in steps), "fell back to tracing"
+        for step in steps:
+            targets = [str(node.target) for node in step.graph.nodes]
+            # int8: every product one row (one_row_product.py); int4: the packed int4
+            # kernel, the tied logits of an int8 table one row.
+            assert not [t for t in targets if t in LIBRARY_PRODUCTS]
 
 
 @needs_compiler

@@ -25,7 +25,8 @@ In an earlier run of the same code bar the recording's memory (below): float32 3
 bimodal here: five runs (`--implementations keras_gemma --backends jax,inductor`, this
 table's included) gave JAX 36.0, 44.6, 36.7, 40.7, 39.5 and compiled 41.2, 41.4, 60.4,
 58.9, 39.8 tok/s: ahead in four, at ~40 or ~59 (not explained yet).
-and in one run of `benchmarks/generate.py --backends jax,torch,inductor` (the tiny shape,
+
+In one run of `benchmarks/generate.py --backends jax,torch,inductor` (the tiny shape,
 2 layers, hidden 256): batch 1 JAX 8,980, torch traced 2,298, compiled 8,018 tok/s; batch 8
 1,929 / 1,257 / 2,523 a row. Before one-row products (the same step with the library
 products; A/B in one process): 270M bfloat16 44.9 -> 67.7, int8 92.9 -> 131.8, int4

@@ -2,11 +2,11 @@
 
 In the Inductor-compiled decode step (generation/torch_compiled_step.py), a batch-1 product
 `x [1, in] @ W.T` with W [out, in] is recorded as the operator `keras_gemma::one_row_product`,
-which Inductor decomposes into `(x * W).sum(in)` (times the int8 scales, `as_reduction`) and
-turns into one vectorized loop of its own that streams W once, both threads splitting the
-rows. That loop reads memory faster than the library kernels the
-traced step calls (measured on the 2-core AMD EPYC with AVX-512 of 2026-12-06, torch 2.13,
-2 threads, ms per product, each kernel read from memory):
+which Inductor decomposes into `(x * W).sum(in)` (times the int8 scales, `as_reduction`)
+and turns into one vectorized loop of its own that streams W once, both threads splitting
+the rows. That loop reads memory faster than the library kernels the traced step calls
+(measured on the 2-core AMD EPYC with AVX-512 of 2026-12-06, torch 2.13, 2 threads, ms per
+product, each kernel read from memory):
 
     W [out, in]                   library kernel                  this form, compiled
     262144 x 640 (270M logits)
