@@ -86,9 +86,9 @@ def as_reduction(rows, kernel, scale=None):
 
 def decompositions():
     """`{operator: as_reduction}`, for Inductor's `compile_fx(..., decompositions=...)`."""
-    _operator()
     import torch
 
+    _operator()  # registers the operator
     return {torch.ops.keras_gemma.one_row_product.default: as_reduction}
 
 

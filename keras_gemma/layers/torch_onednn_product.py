@@ -27,9 +27,9 @@ import math
 
 import keras
 
+from keras_gemma.layers import inductor_recording
 from keras_gemma.layers import quantized_products
 from keras_gemma.layers import torch_product_choice
-from keras_gemma.layers import inductor_recording
 
 
 def runs_here(inputs, kernel, training):
