@@ -10,6 +10,8 @@ from keras_gemma.gemma3_backbone import Gemma3Backbone
 from keras_gemma.gemma3_causal_lm import Gemma3CausalLM
 from keras_gemma.gemma3_causal_lm_preprocessor import Gemma3CausalLMPreprocessor
 from keras_gemma.gemma3_tokenizer import Gemma3Tokenizer
+from keras_gemma.logits_accuracy import LogitsAccuracy
+from keras_gemma.logits_crossentropy import LogitsCrossentropy
 from keras_gemma.preprocessor import GemmaCausalLMPreprocessor
 from keras_gemma.tokenizer import GemmaTokenizer
 

@@ -13,6 +13,8 @@ from keras_gemma.generation.generation_methods import GenerationMethods
 from keras_gemma.generation.generator import Generator
 from keras_gemma.generation.training_data import preprocess_for_training
 from keras_gemma.layers.attention import CachePositions
+from keras_gemma.logits_accuracy import LogitsAccuracy
+from keras_gemma.logits_crossentropy import LogitsCrossentropy
 from keras_gemma.optimizer_slot_layout import lay_out_slots_like_variables
 
 
@@ -111,6 +113,10 @@ class GemmaCausalLM(GenerationMethods, keras.Model):
         Defaults: AdamW (learning rate 2e-5, weight decay 0.01 on kernels only: RMS norm
         scales and the embedding are excluded, as is usual for transformers), sparse
         categorical cross-entropy from logits, and accuracy weighted by the padding mask.
+        The loss and accuracy are `keras_gemma.LogitsCrossentropy` and
+        `keras_gemma.LogitsAccuracy`: Keras' sparse categorical cross-entropy (from logits)
+        and accuracy, value for value, computed faster under XLA; an instance of Keras'
+        own classes given here is swapped for them (with its name, reduction and dtype).
 
         Args:
             sampler: a name ("greedy", "top_k", "top_p", "random", "beam",
@@ -120,9 +126,15 @@ class GemmaCausalLM(GenerationMethods, keras.Model):
             optimizer = keras.optimizers.AdamW(learning_rate=2e-5, weight_decay=0.01)
             optimizer.exclude_from_weight_decay(var_names=["scale", "embeddings"])
         if loss == "auto":
-            loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+            loss = LogitsCrossentropy()
         if weighted_metrics == "auto":
-            weighted_metrics = [keras.metrics.SparseCategoricalAccuracy()]
+            weighted_metrics = [LogitsAccuracy()]
+        # Keras' own sparse cross-entropy and accuracy, computed faster under XLA (same
+        # values; logits_crossentropy.py, logits_accuracy.py).
+        loss = LogitsCrossentropy.replacing(loss)
+        weighted_metrics = _with_logits_accuracy(weighted_metrics)
+        if "metrics" in kwargs:
+            kwargs["metrics"] = _with_logits_accuracy(kwargs["metrics"])
         super().compile(
             optimizer=optimizer, loss=loss, weighted_metrics=weighted_metrics, **kwargs
         )
@@ -407,3 +419,9 @@ def _default_class(kind):
     from keras_gemma.preprocessor import GemmaCausalLMPreprocessor
 
     return GemmaCausalLMPreprocessor
+
+
+def _with_logits_accuracy(metrics):
+    if isinstance(metrics, (list, tuple)):
+        return type(metrics)(LogitsAccuracy.replacing(metric) for metric in metrics)
+    return LogitsAccuracy.replacing(metrics)

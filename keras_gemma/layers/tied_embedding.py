@@ -28,6 +28,7 @@ from keras_gemma.layers import sixteen_bit_product
 from keras_gemma.layers import torch_int8_training
 from keras_gemma.layers import torch_onednn_product
 from keras_gemma.layers import torch_sixteen_bit_training
+from keras_gemma.layers import xla_tied_logits
 
 
 @keras.saving.register_keras_serializable(package="keras_gemma")
@@ -90,6 +91,17 @@ class GemmaReversibleEmbedding(keras.layers.ReversibleEmbedding):
             # MKL's float32 product runs AVX2 code on AMD CPUs (torch_onednn_product.py).
             logits = torch_onednn_product.einsum(
                 "btd,vd->btv", ops.convert_to_tensor(inputs), ops.convert_to_tensor(self.embeddings)
+            )
+            return self._soft_capped(logits)
+        if (
+            reverse
+            and self.tie_weights
+            and self.reverse_dtype is None
+            and xla_tied_logits.runs_here(self.embeddings, training)
+        ):
+            # The table's gradient in the order XLA's CPU dot reads (xla_tied_logits.py).
+            logits = xla_tied_logits.tied_logits(
+                ops.cast(inputs, self.embeddings.dtype), self.embeddings
             )
             return self._soft_capped(logits)
         return super().call(inputs, reverse=reverse)
