@@ -214,3 +214,61 @@ def _input_gradient(function, x, upstream_seed):
         tape.watch(tensor)
         total = tf.reduce_sum(function(tensor) * upstream)
     return tape.gradient(total, tensor).numpy()
+
+
+def _trainable_gradients(layer, x, upstream):
+    """Training outputs of `layer` and d sum(outputs * upstream) / d its trainable weights."""
+    backend = keras.backend.backend()
+    variables = layer.trainable_variables
+    if backend == "jax":
+        import jax
+
+        def total(values):
+            outputs, _ = layer.stateless_call(
+                values, [v.value for v in layer.non_trainable_variables], x, training=True)
+            return (outputs * upstream).sum(), outputs
+
+        (_, outputs), gradients = jax.value_and_grad(total, has_aux=True)(
+            [v.value for v in variables])
+        return np.asarray(outputs), [np.asarray(g) for g in gradients]
+    if backend == "torch":
+        outputs = layer(x, training=True)
+        (outputs * keras.ops.convert_to_tensor(upstream)).sum().backward()
+        return to_numpy(outputs.detach()), [v.value.grad.cpu().numpy() for v in variables]
+    import tensorflow as tf
+
+    with tf.GradientTape() as tape:
+        outputs = layer(x, training=True)
+        total = tf.reduce_sum(outputs * upstream)
+    return outputs.numpy(), [g.numpy() for g in tape.gradient(total, variables)]
+
+
+@pytest.mark.parametrize(
+    "equation, input_shape",
+    [("btd,nhd->btnh", (2, 3, 32)), ("btnh,dnh->btd", (2, 3, 4, 8)), ("btf,df->btd", (2, 3, 64))],
+)
+def test_float_lora_training_is_the_merged_kernels_product(equation, input_shape):
+    # Training runs the frozen kernel's product plus the low-rank term (no merged kernel):
+    # same outputs and factor gradients as the merged kernel's, computed in numpy.
+    layer = _einsum_layer(equation, input_shape)
+    layer.enable_lora(3, lora_alpha=6)
+    rng = np.random.default_rng(7)
+    a = rng.normal(size=layer.lora_kernel_a.shape).astype("float32")
+    b = rng.normal(size=layer.lora_kernel_b.shape).astype("float32")
+    layer.lora_kernel_a.assign(a)
+    layer.lora_kernel_b.assign(b)
+    kernel = to_numpy(layer._kernel)
+    x = rng.normal(size=input_shape).astype("float32")
+    outputs, gradients = _trainable_gradients(layer, x, upstream := rng.normal(
+        size=np.einsum(equation, x, kernel).shape).astype("float32"))
+    np.testing.assert_allclose(outputs, np.einsum(equation, x, kernel + 2.0 * (a @ b)),
+                               rtol=1e-4, atol=1e-4)
+    # d/d(merged kernel) = einsum of inputs and upstream in the kernel's shape.
+    inputs_letters, rest = equation.split(",")
+    kernel_letters, output_letters = rest.split("->")
+    merged = np.einsum(f"{inputs_letters},{output_letters}->{kernel_letters}", x, upstream)
+    expected = {"lora_kernel_a": 2.0 * merged @ b.T,
+                "lora_kernel_b": 2.0 * a.reshape(-1, 3).T @ merged.reshape(-1, b.shape[-1])}
+    assert [v.name for v in layer.trainable_variables] == ["lora_kernel_a", "lora_kernel_b"]
+    for variable, gradient in zip(layer.trainable_variables, gradients):
+        np.testing.assert_allclose(gradient, expected[variable.name], rtol=1e-4, atol=1e-3)

@@ -34,6 +34,7 @@ from keras_gemma.layers import sixteen_bit_product
 from keras_gemma.layers import torch_int8_training
 from keras_gemma.layers import torch_onednn_product
 from keras_gemma.layers import torch_sixteen_bit_training
+from keras_gemma.layers import xla_kernel_gradient
 
 _RANK_LETTERS = "rstuvwxyzRSTUVWXYZ"
 
@@ -96,6 +97,23 @@ class GemmaEinsumDense(keras.layers.EinsumDense):
     def call(self, inputs, training=None):
         if self._input_observer is not None:
             self._input_observer(inputs)
+        if (
+            training
+            and self.lora_enabled
+            and self.quantization_mode is None
+            and "." not in self.equation
+            and lora_equations(self.equation) is not None
+            and self.bias is None
+            and self.activation in (None, keras.activations.linear)
+        ):
+            # LoRA in training: the frozen kernel's product plus the low-rank term, never
+            # the merged `kernel + a @ b` of Keras' property, whose gradient is a full-size
+            # weight gradient (2 FLOPs a weight and token) computed only to be reduced to
+            # the factors' (peft's order, too).
+            return self._with_lora(self._float_call, inputs, training)
+        return self._float_call(inputs, training)
+
+    def _float_call(self, inputs, training=None):
         # Training a 16-bit model under XLA on a CPU: a product that does not hold a float32
         # copy of every weight at once (see sixteen_bit_product.py). Inference keeps Keras'
         # call: generation's own paths already bound its memory, and its tokens must not
@@ -121,6 +139,12 @@ class GemmaEinsumDense(keras.layers.EinsumDense):
             return torch_onednn_product.einsum(
                 self.equation, ops.convert_to_tensor(inputs), ops.convert_to_tensor(kernel)
             )
+        if (
+            plain
+            and xla_kernel_gradient.runs_here(kernel, training)
+            and torch_onednn_product.supports(self.equation)
+        ):
+            return xla_kernel_gradient.einsum(self.equation, inputs, kernel)
         return super().call(inputs, training=training)
 
     def quantize(self, mode=None, type_check=True, config=None):

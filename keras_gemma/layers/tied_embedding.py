@@ -28,7 +28,7 @@ from keras_gemma.layers import sixteen_bit_product
 from keras_gemma.layers import torch_int8_training
 from keras_gemma.layers import torch_onednn_product
 from keras_gemma.layers import torch_sixteen_bit_training
-from keras_gemma.layers import xla_tied_logits
+from keras_gemma.layers import xla_kernel_gradient
 
 
 @keras.saving.register_keras_serializable(package="keras_gemma")
@@ -97,10 +97,10 @@ class GemmaReversibleEmbedding(keras.layers.ReversibleEmbedding):
             reverse
             and self.tie_weights
             and self.reverse_dtype is None
-            and xla_tied_logits.runs_here(self.embeddings, training)
+            and xla_kernel_gradient.runs_here(self.embeddings, training)
         ):
-            # The table's gradient in the order XLA's CPU dot reads (xla_tied_logits.py).
-            logits = xla_tied_logits.tied_logits(
+            # The table's gradient in the order XLA's CPU dot reads (xla_kernel_gradient.py).
+            logits = xla_kernel_gradient.tied_logits(
                 ops.cast(inputs, self.embeddings.dtype), self.embeddings
             )
             return self._soft_capped(logits)

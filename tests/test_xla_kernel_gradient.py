@@ -1,11 +1,11 @@
-"""The tied logits' training product (xla_tied_logits.py): the same logits and gradients as
+"""The tied logits' training product (xla_kernel_gradient.py): the same logits and gradients as
 the plain product, through GemmaReversibleEmbedding in training, on every backend (it
 applies on JAX on a CPU; elsewhere the plain product runs and must agree as well)."""
 
 import numpy as np
 
 from conftest import BACKEND
-from keras_gemma.layers import xla_tied_logits
+from keras_gemma.layers import xla_kernel_gradient
 from keras_gemma.layers.tied_embedding import GemmaReversibleEmbedding
 
 
@@ -53,5 +53,5 @@ def test_training_logits_and_gradients_equal_the_plain_product():
     np.testing.assert_allclose(hidden_gradient, upstream @ table, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(
         table_gradient, upstream.reshape(-1, 50).T @ hidden.reshape(-1, 16), rtol=1e-5, atol=1e-5)
-    assert xla_tied_logits.runs_here(layer.embeddings, True) == (BACKEND == "jax")
-    assert not xla_tied_logits.runs_here(layer.embeddings, False)
+    assert xla_kernel_gradient.runs_here(layer.embeddings, True) == (BACKEND == "jax")
+    assert not xla_kernel_gradient.runs_here(layer.embeddings, False)

@@ -1,0 +1,94 @@
+"""Training products on JAX on a CPU whose kernel gradient is computed in dot order.
+
+Every kernel here is stored [outputs..., inputs...] (decode_matmul.py), the tied logits'
+table [vocabulary, hidden] too. Autodiff writes a kernel's gradient as
+`d_outputs.T @ inputs`, and XLA's CPU dot wants that left operand with its contracted
+(token) axis last: it transposes the [tokens, outputs] gradient first, fused with whatever
+computes it (the loss's softmax for the logits, the gated GELU's backward pass for the
+feed-forward kernels), which then runs in transposed order. In a profile of the small full
+fit (benchmarks/finetune.py, JAX) the logits' fusion alone took 18 ms of a 317 ms step,
+and each decoder block had two such feed-forward fusions of 3-7 ms. Here the gradient is
+written `(inputs.T @ d_outputs).T`; XLA folds that back into one dot that reads the
+gradient as it was computed (its dot thunk takes either operand order), and no
+transposing fusion is left.
+
+Measured on this repository's 2-core CPU (JAX):
+- tied logits and Keras' loss, forward and gradient (512 tokens, hidden 512, vocabulary
+  16,384): 112 -> 102 ms; with LogitsCrossentropy 100 -> 84 ms (the three products alone
+  ~80 ms);
+- the small full fit's step (4 layers, float32, 4 x 128 tokens; the loss and accuracy of
+  logits_crossentropy.py and logits_accuracy.py in both): with the dense kernels' products
+  here as well 287-290 -> 267-272 ms.
+
+Used in training on JAX on a CPU for float32 kernels: by `GemmaReversibleEmbedding` (tied
+logits) and `GemmaEinsumDense` (kernels [outputs..., inputs...] without bias). 16-bit
+kernels keep their own form (sixteen_bit_product.py); accelerators and PyTorch keep the
+plain product; TensorFlow too: Keras runs it without XLA on a CPU (`jit_compile` "auto"),
+where the same custom gradient was slower (tied logits with Keras' loss 70.7 -> 82.6 ms).
+"""
+
+import functools
+import math
+
+import keras
+from keras import ops
+
+from keras_gemma.layers import decode_matmul
+from keras_gemma.layers import quantized_products
+
+
+def runs_here(kernel, training):
+    """True when the products here should compute training products with `kernel`."""
+    if not training or keras.backend.backend() != "jax":
+        return False
+    if keras.backend.standardize_dtype(kernel.dtype) != "float32":
+        return False
+    return decode_matmul.xla_runs_on_cpu()
+
+
+def einsum(equation, inputs, kernel):
+    """`einsum(equation, inputs, kernel)` for a kernel [outputs..., inputs...] (an equation
+    that `quantized_products.matrix_form` reads), with the gradients described above.
+
+    Example:
+    >>> einsum("btd,nhd->btnh", keras.ops.ones((2, 3, 4)), keras.ops.ones((5, 6, 4))).shape
+    (2, 3, 5, 6)
+    """
+    batch_axes, output_axes = quantized_products.matrix_form(equation)
+    inputs = ops.convert_to_tensor(inputs)
+    kernel = ops.convert_to_tensor(kernel)
+    batch_shape = tuple(inputs.shape[:batch_axes])
+    output_shape = tuple(kernel.shape[:output_axes])
+    rows = ops.reshape(inputs, (math.prod(batch_shape), -1))
+    weight = ops.reshape(kernel, (math.prod(output_shape), -1))
+    return ops.reshape(_jax_product()(rows, weight), batch_shape + output_shape)
+
+
+def tied_logits(hidden, table):
+    """`hidden @ table.T` over the last axis, with the gradients described above.
+
+    Example:
+    >>> tied_logits(keras.ops.ones((2, 3, 4)), keras.ops.ones((10, 4))).shape
+    (2, 3, 10)
+    """
+    batch = "abcefg"[: len(hidden.shape) - 1]
+    return einsum(f"{batch}d,vd->{batch}v", hidden, table)
+
+
+@functools.lru_cache(maxsize=None)
+def _jax_product():
+    import jax
+
+    @jax.custom_vjp
+    def product(rows, weight):  # [tokens, inputs] x [outputs, inputs] -> [tokens, outputs]
+        return rows @ weight.T
+
+    def forward(rows, weight):
+        return product(rows, weight), (rows, weight)
+
+    def backward(saved, upstream):
+        rows, weight = saved
+        return upstream @ weight, (rows.T @ upstream).T
+
+    product.defvjp(forward, backward)
+    return product
