@@ -55,3 +55,23 @@ def test_training_logits_and_gradients_equal_the_plain_product():
         table_gradient, upstream.reshape(-1, 50).T @ hidden.reshape(-1, 16), rtol=1e-5, atol=1e-5)
     assert xla_kernel_gradient.runs_here(layer.embeddings, True) == (BACKEND == "jax")
     assert not xla_kernel_gradient.runs_here(layer.embeddings, False)
+
+
+def test_long_vocabulary_input_gradient_in_slices_equals_numpy():
+    # More than 32,768 outputs: the input gradient sums dots over slices of the vocabulary.
+    from keras_gemma.layers.xla_kernel_gradient import _chunk_size
+
+    vocabulary = 33792
+    assert _chunk_size(vocabulary) == 1536 and _chunk_size(16384) is None
+    rng = np.random.default_rng(1)
+    layer = GemmaReversibleEmbedding(vocabulary, 8, tie_weights=True)
+    layer.build((None,))
+    table = rng.standard_normal((vocabulary, 8)).astype("float32")
+    layer.embeddings.assign(table)
+    hidden = rng.standard_normal((1, 3, 8)).astype("float32")
+    upstream = rng.standard_normal((1, 3, vocabulary)).astype("float32")
+    _, hidden_gradient, table_gradient = _logits_and_gradients(layer, hidden, upstream)
+    np.testing.assert_allclose(hidden_gradient, upstream @ table, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(
+        table_gradient, upstream.reshape(-1, vocabulary).T @ hidden.reshape(-1, 8),
+        rtol=1e-5, atol=1e-5)

@@ -20,6 +20,14 @@ Measured on this repository's 2-core CPU (JAX):
   logits_crossentropy.py and logits_accuracy.py in both): with the dense kernels' products
   here as well 287-290 -> 267-272 ms.
 
+The hidden states' gradient through the tied logits, `d_logits @ table`, contracts the whole
+vocabulary, and XLA's CPU dot slows as a contraction grows ([128, K] @ [K, 2048]: 437
+GFLOP/s at K = 2,048, 378 at 32,000, 167 at 256,000): at the 2B shape it took 800 ms of a
+~4 s LoRA step, twice the forward logits (355 ms), in KerasHub as well. Above 32,768
+outputs the product here sums dots over slices of 1,024-2,048 rows in a loop: 804 -> 404
+ms (slices of 8,000 rows: 428 ms; slices copied out first, or unrolled: no gain).
+benchmarks/finetune.py, 2B LoRA float32, JAX: 1.18x -> 1.30x KerasHub's tokens/s.
+
 Used in training on JAX on a CPU for float32 kernels: by `GemmaReversibleEmbedding` (tied
 logits) and `GemmaEinsumDense` (kernels [outputs..., inputs...] without bias). 16-bit
 kernels keep their own form (sixteen_bit_product.py); accelerators and PyTorch keep the
@@ -88,7 +96,32 @@ def _jax_product():
 
     def backward(saved, upstream):
         rows, weight = saved
-        return upstream @ weight, (rows.T @ upstream).T
+        return _input_gradient(upstream, weight), (rows.T @ upstream).T
+
+    def _input_gradient(upstream, weight):
+        # [tokens, outputs] @ [outputs, inputs], contracting the outputs: for the tied
+        # logits that is the vocabulary, and XLA's CPU dot slows with so long a contraction
+        # (module docstring); a loop over slices of the vocabulary keeps each dot short.
+        outputs = weight.shape[0]
+        chunk = _chunk_size(outputs)
+        if chunk is None:
+            return upstream @ weight
+
+        def add_chunk(index, total):
+            start = index * chunk
+            gradient = jax.lax.dynamic_slice_in_dim(upstream, start, chunk, axis=1)
+            kernel = jax.lax.dynamic_slice_in_dim(weight, start, chunk, axis=0)
+            return total + gradient @ kernel
+
+        initial = jax.numpy.zeros((upstream.shape[0], weight.shape[1]), upstream.dtype)
+        return jax.lax.fori_loop(0, outputs // chunk, add_chunk, initial)
 
     product.defvjp(forward, backward)
     return product
+
+
+def _chunk_size(outputs):
+    """A divisor of `outputs` from 1,024 to 2,048 when `outputs` exceeds 32,768, else None."""
+    if outputs <= 32768:
+        return None
+    return next((size for size in range(2048, 1023, -1) if outputs % size == 0), None)
