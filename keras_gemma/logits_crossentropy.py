@@ -12,8 +12,8 @@ custom gradient that keeps only the logits and one number a token.
 Measured on this repository's 2-core CPU (512 tokens, hidden 512, vocabulary 16,384, the
 tied logits and the loss, forward and gradient): JAX, Keras' loss 112 ms, this one 100 ms,
 and with the tied logits' table gradient in its own order (layers/xla_kernel_gradient.py)
-84 ms, of which the three products take ~80; TensorFlow (Keras runs it without XLA on a
-CPU) 76.3 -> 73.7 ms. On PyTorch Keras' own computation runs; the class exists there so
+84 ms, of which the three products take ~80; TensorFlow without XLA 76.3 -> 73.7 ms.
+On PyTorch Keras' own computation runs; the class exists there so
 that a compiled model saves and loads alike on every backend.
 
 `GemmaCausalLM.compile()` uses it by default, and in place of a

@@ -1,4 +1,4 @@
-"""Training products on JAX on a CPU whose kernel gradient is computed in dot order.
+"""Training products on JAX and TensorFlow on a CPU whose kernel gradient is in dot order.
 
 Every kernel here is stored [outputs..., inputs...] (decode_matmul.py), the tied logits'
 table [vocabulary, hidden] too. Autodiff writes a kernel's gradient as
@@ -28,11 +28,14 @@ outputs the product here sums dots over slices of 1,024-2,048 rows in a loop: 80
 ms (slices of 8,000 rows: 428 ms; slices copied out first, or unrolled: no gain).
 benchmarks/finetune.py, 2B LoRA float32, JAX: 1.18x -> 1.30x KerasHub's tokens/s.
 
-Used in training on JAX on a CPU for float32 kernels: by `GemmaReversibleEmbedding` (tied
-logits) and `GemmaEinsumDense` (kernels [outputs..., inputs...] without bias). 16-bit
-kernels keep their own form (sixteen_bit_product.py); accelerators and PyTorch keep the
-plain product; TensorFlow too: Keras runs it without XLA on a CPU (`jit_compile` "auto"),
-where the same custom gradient was slower (tied logits with Keras' loss 70.7 -> 82.6 ms).
+Used in training on JAX and TensorFlow on a CPU for float32 kernels: by
+`GemmaReversibleEmbedding` (tied logits) and `GemmaEinsumDense` (kernels [outputs...,
+inputs...] without bias). On TensorFlow the product is `tf.matmul(rows, weight,
+transpose_b=True)`, whose own gradient already reads the operands through transpose flags
+(TensorFlow's einsum transposed the kernels instead: 34 transposes a step forward and 45
+backward in the small full fit); with XLA, which GemmaCausalLM turns on there for float32
+(causal_lm.py), its step went 265-268 -> 217-219 ms. 16-bit kernels keep their own form
+(sixteen_bit_product.py); accelerators and PyTorch keep the plain product.
 """
 
 import functools
@@ -47,7 +50,7 @@ from keras_gemma.layers import quantized_products
 
 def runs_here(kernel, training):
     """True when the products here should compute training products with `kernel`."""
-    if not training or keras.backend.backend() != "jax":
+    if not training or keras.backend.backend() not in ("jax", "tensorflow"):
         return False
     if keras.backend.standardize_dtype(kernel.dtype) != "float32":
         return False
@@ -69,6 +72,12 @@ def einsum(equation, inputs, kernel):
     output_shape = tuple(kernel.shape[:output_axes])
     rows = ops.reshape(inputs, (math.prod(batch_shape), -1))
     weight = ops.reshape(kernel, (math.prod(output_shape), -1))
+    if keras.backend.backend() == "tensorflow":
+        # TensorFlow's own gradient of a product with a transposed operand reads it through
+        # the product's transpose flags: the same dots, with no custom gradient needed.
+        import tensorflow as tf
+
+        return ops.reshape(tf.matmul(rows, weight, transpose_b=True), batch_shape + output_shape)
     return ops.reshape(_jax_product()(rows, weight), batch_shape + output_shape)
 
 
