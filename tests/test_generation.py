@@ -216,7 +216,7 @@ def test_token_ids_with_a_preprocessor_and_saving(text_lm, tmp_path):
     np.testing.assert_array_equal(to_numpy(restored(prompt)), to_numpy(text_lm(prompt)))
 
 
-def test_fit_on_strings_lowers_the_loss(text_lm):
+def test_fit_on_strings_lowers_the_loss(text_lm, tmp_path):
     texts = ["the model is a layer of keras", "a token is a value of the text"] * 4
     text_lm.compile(optimizer=keras.optimizers.AdamW(learning_rate=1e-2))
     losses = text_lm.fit(texts, batch_size=4, epochs=5, verbose=0).history["loss"]
@@ -229,6 +229,17 @@ def test_fit_on_strings_lowers_the_loss(text_lm):
     dataset = tf.data.Dataset.from_tensor_slices(texts).batch(4)
     history = text_lm.fit(dataset, epochs=1, verbose=0).history["loss"]
     assert np.isfinite(history[0])
+    # Text files, a line an example (README: "Training data"): the same rows, the same loss.
+    paths = []
+    for index in range(2):
+        paths.append(str(tmp_path / f"part-{index}.txt"))
+        with open(paths[-1], "w", encoding="utf-8") as file:
+            file.write("\n".join(texts[4 * index:4 * index + 4]) + "\n")
+    lines = tf.data.TextLineDataset(paths).batch(4)
+    from_files = text_lm.evaluate(lines, verbose=0, return_dict=True)["loss"]
+    from_list = text_lm.evaluate(texts, batch_size=4, verbose=0, return_dict=True)["loss"]
+    np.testing.assert_allclose(from_files, from_list, rtol=1e-5)
+    assert np.isfinite(text_lm.fit(lines, epochs=1, verbose=0).history["loss"][0])
 
 
 def test_text_stream_emits_whole_characters(sentencepiece_proto):

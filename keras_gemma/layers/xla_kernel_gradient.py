@@ -68,9 +68,10 @@ def einsum(equation, inputs, kernel):
     batch_axes, output_axes = quantized_products.matrix_form(equation)
     inputs = ops.convert_to_tensor(inputs)
     kernel = ops.convert_to_tensor(kernel)
-    batch_shape = tuple(inputs.shape[:batch_axes])
+    # The batch axes may be unknown while TensorFlow traces (`fit` on a dataset).
+    batch_shape = tuple(ops.shape(inputs)[:batch_axes])
     output_shape = tuple(kernel.shape[:output_axes])
-    rows = ops.reshape(inputs, (math.prod(batch_shape), -1))
+    rows = ops.reshape(inputs, (-1, math.prod(kernel.shape[output_axes:])))
     weight = ops.reshape(kernel, (math.prod(output_shape), -1))
     if keras.backend.backend() == "tensorflow":
         # TensorFlow's own gradient of a product with a transposed operand reads it through
