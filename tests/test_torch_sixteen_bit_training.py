@@ -75,16 +75,31 @@ def test_bfloat16_lora_layer_trains_through_float32_arithmetic(monkeypatch):
     layer.build((1, 3, 8))
     layer.enable_lora(2)
     layer.lora_kernel_b.assign(np.full(layer.lora_kernel_b.shape, 0.1, "float32"))
-    x = _bfloat16((1, 3, 8), 6)
+    # Inputs that need a gradient, as inside a model (LoRA factors upstream).
+    x = _bfloat16((1, 3, 8), 6).requires_grad_()
     with torch.enable_grad():
         out = layer(x, training=True)
-        assert out.grad_fn is not None and "Float32Einsum" in type(out.grad_fn).__name__
+        # The frozen kernel's product (LoRA trains as kernel product + low-rank term).
+        assert "Float32Einsum" in _autograd_node_names(out)
         out.float().sum().backward()
     kernel = _numpy(layer.kernel)  # the base kernel plus the LoRA term, in bfloat16
     _close(out, np.einsum("btd,fd->btf", _numpy(x), kernel))
     assert layer.lora_kernel_a.value.grad is not None
     # Inference keeps Keras' own product.
-    assert "Float32Einsum" not in type(layer(x, training=False).grad_fn).__name__
+    assert "Float32Einsum" not in _autograd_node_names(layer(x, training=False))
+
+
+def _autograd_node_names(tensor):
+    """The class names of every node in `tensor`'s autograd graph, joined."""
+    names, pending, seen = [], [tensor.grad_fn], set()
+    while pending:
+        node = pending.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        names.append(type(node).__name__)
+        pending.extend(next_node for next_node, _ in node.next_functions)
+    return " ".join(names)
 
 
 def test_bfloat16_tied_logits_train_through_float32_arithmetic(monkeypatch):
