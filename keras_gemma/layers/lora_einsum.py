@@ -9,8 +9,10 @@ projection "btnh,dnh->btd" contracts `n` and `h`. Keras' `enable_lora` makes
 calls instead run `einsum(equation, inputs, a) @ b`, which assumes the last kernel axis is
 an output axis (KerasHub's (in, out) layout) and fails on ours. This class keeps Keras'
 quantized product and adds the LoRA term in the order our layout needs: contract the
-inputs with `b` over the kernel's last axis (down to `rank`), then with `a`. The float path,
-saving, and Keras' own merge (`_get_kernel_with_merged_lora`) are untouched.
+inputs with `b` over the kernel's last axis (down to `rank`), then with `a`. Float kernels
+train in that order too (the frozen kernel's product plus the low-rank term: Keras' merged
+kernel would cost a full-size weight gradient a step); inference, saving, and Keras' own
+merge (`_get_kernel_with_merged_lora`) are untouched.
 
 Quantization, beyond LoRA (issue 17):
 - `quantize("int8")` is weight-only here (quantization_defaults.py: Keras' default also
