@@ -119,7 +119,8 @@ class GemmaCausalLM(GenerationMethods, keras.Model):
         and accuracy, value for value, computed faster under XLA; an instance of Keras'
         own classes given here is swapped for them (with its name, reduction and dtype).
         On TensorFlow on a CPU, `jit_compile="auto"` (Keras' default) means XLA for a
-        float32 model (Keras leaves it off on CPUs; here it trains ~1.2x faster).
+        float32 model (Keras leaves it off on CPUs; here it trains ~1.2x faster), and no XLA
+        again once the model is quantized.
 
         Args:
             sampler: a name ("greedy", "top_k", "top_p", "random", "beam",
@@ -138,12 +139,18 @@ class GemmaCausalLM(GenerationMethods, keras.Model):
         weighted_metrics = _with_logits_accuracy(weighted_metrics)
         if "metrics" in kwargs:
             kwargs["metrics"] = _with_logits_accuracy(kwargs["metrics"])
-        if kwargs.get("jit_compile", "auto") == "auto" and self._xla_trains_faster_here():
-            kwargs["jit_compile"] = True
+        # Whether Keras' "auto" picks XLA (see _resolve_auto_jit_compile; quantize re-decides).
+        self._jit_compile_auto = kwargs.get("jit_compile", "auto") == "auto"
         super().compile(
             optimizer=optimizer, loss=loss, weighted_metrics=weighted_metrics, **kwargs
         )
         self.sampler = get_sampler(sampler)
+
+    def _resolve_auto_jit_compile(self):
+        # Keras' hook for `jit_compile="auto"` (compile's default).
+        if self._xla_trains_faster_here():
+            return True
+        return super()._resolve_auto_jit_compile()
 
     def _xla_trains_faster_here(self):
         """TensorFlow on a CPU: Keras' "auto" leaves XLA off there, but a float32 Gemma
@@ -336,6 +343,18 @@ class GemmaCausalLM(GenerationMethods, keras.Model):
         (`check_memory=False` skips the check)."""
         self.backbone.quantize(mode, *args, check_memory=check_memory, **kwargs)
         self.generator.reset()
+        if (
+            self.compiled
+            and getattr(self, "_jit_compile_auto", False)
+            and keras.backend.backend() == "tensorflow"
+            and xla_runs_on_cpu()
+            and self.jit_compile
+            and not self._xla_trains_faster_here()
+        ):
+            # XLA was "auto"'s choice for float32 weights (_resolve_auto_jit_compile); its
+            # CPU dot would hold float32 copies of quantized ones.
+            self.jit_compile = False
+            self.train_function = self.test_function = self.predict_function = None
 
     def merge_lora(self):
         """`backbone.merge_lora()`: folds LoRA into the kernels; generate functions are rebuilt.

@@ -358,3 +358,16 @@ def test_from_preset_refuses_arguments_it_would_ignore(keras_hub_preset):
         GemmaCausalLM.from_preset(preset, preprocessor=None, sequence_length=16)
     with pytest.raises(TypeError):
         GemmaCausalLM.from_preset(preset, no_such_argument=1)
+
+
+def test_jit_compile_auto_means_xla_for_float32_on_tensorflow_cpu():
+    lm = GemmaCausalLM(GemmaBackbone(**tiny_config()))
+    expected = keras.backend.backend() != "torch"
+    assert lm.jit_compile is expected
+    lm.compile(jit_compile=False)
+    assert lm.jit_compile is False
+    lm.compile()
+    lm.quantize("int8")  # float32 copies of int8 kernels under XLA: TensorFlow drops XLA
+    assert lm.jit_compile is (keras.backend.backend() == "jax")
+    bfloat16 = GemmaCausalLM(GemmaBackbone(**tiny_config(), dtype="bfloat16"))
+    assert bfloat16.jit_compile is (keras.backend.backend() == "jax")
