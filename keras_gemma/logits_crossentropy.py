@@ -94,12 +94,12 @@ def _xla_form_applies():
     return keras.backend.backend() in ("jax", "tensorflow")
 
 
-def _picked_and_valid(logits, labels, take_along_axis):
+def _picked_and_valid(logits, labels):
     """Each token's logit at its label, and whether the label is a class id at all."""
     classes = logits.shape[-1]
     valid = ops.logical_and(ops.greater_equal(labels, 0), ops.less(labels, classes))
     safe = ops.where(valid, labels, ops.zeros_like(labels))
-    picked = take_along_axis(logits, safe[..., None])[..., 0]
+    picked = ops.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
     return picked, valid
 
 
@@ -108,12 +108,9 @@ def _jax_crossentropy():
     import jax
     import jax.numpy as jnp
 
-    def take(logits, indices):
-        return jnp.take_along_axis(logits, indices, axis=-1)
-
     def forward(logits, labels):
         total = jax.nn.logsumexp(logits, axis=-1)
-        picked, valid = _picked_and_valid(logits, labels, take)
+        picked, valid = _picked_and_valid(logits, labels)
         return jnp.where(valid, total - picked, 0.0).astype(logits.dtype), (logits, total, labels)
 
     @jax.custom_vjp
@@ -136,13 +133,10 @@ def _jax_crossentropy():
 def _tensorflow_crossentropy(logits, labels):
     import tensorflow as tf
 
-    def take(values, indices):
-        return tf.gather(values, indices, batch_dims=len(indices.shape) - 1)
-
     @tf.custom_gradient
     def crossentropy(logits):
         total = tf.reduce_logsumexp(logits, axis=-1)
-        picked, valid = _picked_and_valid(logits, labels, take)
+        picked, valid = _picked_and_valid(logits, labels)
         value = tf.where(valid, total - picked, tf.zeros_like(total))
 
         def gradient(upstream):

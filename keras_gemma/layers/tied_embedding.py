@@ -17,6 +17,8 @@ stored (quantized_products.py; 63% of the 270M's bytes); the int4 lookup dequant
 the rows it takes (Keras' unpacks the whole table on every call).
 """
 
+import functools
+
 import keras
 from keras import ops
 from keras import quantizers
@@ -58,53 +60,34 @@ class GemmaReversibleEmbedding(keras.layers.ReversibleEmbedding):
             decode_matmul.lay_out_for_decode(self._embeddings, 1, self.compute_dtype)
 
     def call(self, inputs, reverse=False, training=None):
-        # Training a 16-bit model under XLA on a CPU: tied logits that never hold the whole
-        # embedding in float32 (see sixteen_bit_product.py). Keras' call everywhere else.
-        if (
-            training
-            and reverse
-            and self.tie_weights
-            and self.reverse_dtype is None
-            and sixteen_bit_product.runs_here(self.embeddings)
-        ):
-            logits = sixteen_bit_product.sixteen_bit_logits(
-                ops.convert_to_tensor(inputs), ops.convert_to_tensor(self.embeddings)
-            )
-            return self._soft_capped(logits)
-        if (
-            reverse
-            and self.tie_weights
-            and self.reverse_dtype is None
-            and torch_sixteen_bit_training.runs_here(self.embeddings, training)
-        ):
+        product = None
+        if reverse and self.tie_weights and self.reverse_dtype is None:
+            product = self._tied_logits_product(inputs, training)
+        if product is None:  # Keras' call
+            return super().call(inputs, reverse=reverse)
+        return self._soft_capped(
+            product(ops.convert_to_tensor(inputs), ops.convert_to_tensor(self.embeddings))
+        )
+
+    def _tied_logits_product(self, inputs, training):
+        """`product(hidden, table)` for the tied logits where a measured form beats Keras'
+        matmul here, else None."""
+        table = self.embeddings
+        if training and sixteen_bit_product.runs_here(table):
+            # A 16-bit table under XLA on a CPU, never whole in float32 (sixteen_bit_product.py).
+            return sixteen_bit_product.sixteen_bit_logits
+        if torch_sixteen_bit_training.runs_here(table, training):
             # Float32 arithmetic a block of the table at a time (torch_sixteen_bit_training.py).
-            logits = torch_sixteen_bit_training.float32_logits(
-                ops.convert_to_tensor(inputs), ops.convert_to_tensor(self.embeddings)
-            )
-            return self._soft_capped(logits)
-        if (
-            reverse
-            and self.tie_weights
-            and self.reverse_dtype is None
-            and torch_onednn_product.runs_here(inputs, self.embeddings, training)
-        ):
+            return torch_sixteen_bit_training.float32_logits
+        if torch_onednn_product.runs_here(inputs, table, training):
             # MKL's float32 product runs AVX2 code on AMD CPUs (torch_onednn_product.py).
-            logits = torch_onednn_product.einsum(
-                "btd,vd->btv", ops.convert_to_tensor(inputs), ops.convert_to_tensor(self.embeddings)
-            )
-            return self._soft_capped(logits)
-        if (
-            reverse
-            and self.tie_weights
-            and self.reverse_dtype is None
-            and xla_kernel_gradient.runs_here(self.embeddings, training)
-        ):
+            return functools.partial(torch_onednn_product.einsum, "btd,vd->btv")
+        if xla_kernel_gradient.runs_here(table, training):
             # The table's gradient in the order XLA's CPU dot reads (xla_kernel_gradient.py).
-            logits = xla_kernel_gradient.tied_logits(
-                ops.cast(inputs, self.embeddings.dtype), self.embeddings
+            return lambda hidden, table: xla_kernel_gradient.tied_logits(
+                ops.cast(hidden, table.dtype), table
             )
-            return self._soft_capped(logits)
-        return super().call(inputs, reverse=reverse)
+        return None
 
     def quantized_call(self, inputs, reverse=False, training=None):
         # `training` exists for `call` above; Keras' quantized calls do not take it. Training
