@@ -6,6 +6,7 @@ import pytest
 from conftest import to_numpy
 from test_causal_lm import _tiny_lm
 
+from keras_gemma.generation.greedy_sampler import GreedySampler
 from keras_gemma.generation.text_stream import TextStream
 from keras_gemma.layers.decode_matmul import xla_runs_on_cpu
 
@@ -77,17 +78,16 @@ def test_bfloat16_weights_decode_from_python_on_jax():
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_int8_weights_decode_from_python_on_jax_and_int4_in_one_loop(mode):
-    """int8 weights decode a step per call on JAX's CPU (one loop hoisted their float32
-    conversions: more memory and slower); int4 keeps the one loop (a step per call would
-    unpack every weight each step). Both decode what the same model gives in one loop."""
+def test_quantized_weights_decode_from_python_on_jax(mode):
+    """int8 and int4 weights decode a step per call on JAX's CPU (one loop hoisted their
+    float32 conversions: more memory and slower). They decode what the same model gives in
+    one loop."""
     from keras_gemma.generation.generator import Generator
 
     quantized = _tiny_lm()
     quantized.quantize(mode)
     backend = keras.backend.backend()
-    on_jax_cpu = backend == "jax" and xla_runs_on_cpu()
-    expected = backend == "torch" or (on_jax_cpu and mode == "int8")
+    expected = backend == "torch" or (backend == "jax" and xla_runs_on_cpu())
     assert quantized.generator._steps_from_python() == expected
     prompt = _prompt((3, 5), 20)
     output = quantized.generate(prompt, stop_token_ids=None)
@@ -96,6 +96,40 @@ def test_int8_weights_decode_from_python_on_jax_and_int4_in_one_loop(mode):
         quantized.generator.reset()
         other = quantized.generate(prompt, stop_token_ids=None)
     np.testing.assert_array_equal(output["token_ids"], other["token_ids"])
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "jax" or not xla_runs_on_cpu(), reason="JAX on a CPU only"
+)
+def test_int4_steps_read_kernels_dequantized_once_per_call(monkeypatch):
+    """int4 on JAX's CPU: generate() (one row and several: one program a step, or a block
+    per call) and stream() run every int4 projection with the kernel dequantized for the
+    call, and decode what the one-loop program decodes."""
+    from keras_gemma.generation.generator import Generator
+    from keras_gemma.layers import int4_decode_kernels
+
+    quantized = _tiny_lm()
+    quantized.quantize("int4")
+    int4_layers = int4_decode_kernels.eligible_layers(quantized.backbone)
+    assert len(int4_layers) == 7 * quantized.backbone.num_layers
+    looked_up = []
+    kernel_for = int4_decode_kernels.kernel_for
+    monkeypatch.setattr(int4_decode_kernels, "kernel_for",
+                        lambda layer: looked_up.append(kernel_for(layer)) or looked_up[-1])
+    one_row, two_rows = _prompt((4,), 20, seed=1), _prompt((3, 5), 20, seed=2)
+    outputs = [quantized.generate(prompt, stop_token_ids=None) for prompt in (one_row, two_rows)]
+    assert looked_up and all(kernel is not None for kernel in looked_up)
+    looked_up.clear()
+    streamed = list(quantized.generator.stream(
+        one_row["token_ids"], one_row["padding_mask"], GreedySampler()
+    ))
+    assert looked_up and all(kernel is not None for kernel in looked_up)
+    monkeypatch.setattr(Generator, "_steps_from_python", lambda self: False)
+    quantized.generator.reset()
+    for prompt, output in zip((one_row, two_rows), outputs):
+        expected = quantized.generate(prompt, stop_token_ids=None)
+        np.testing.assert_array_equal(output["token_ids"], expected["token_ids"])
+    np.testing.assert_array_equal(streamed, outputs[0]["token_ids"][0, 4:4 + len(streamed)])
 
 
 def test_an_accelerator_keeps_one_compiled_loop_for_16_bit_weights(monkeypatch):

@@ -216,10 +216,12 @@ def test_quantized_greedy_generate_is_the_argmax_of_its_own_logits(mode):
     # the tokens before it (the decode step and the cache against a plain forward pass),
     # up to a near-tie within the products' rounding (bfloat16 on torch: one row or many
     # round differently, and a random tiny model amplifies it; seen: 1.1% of the largest
-    # logit after two int4 blocks).
+    # logit after two int4 blocks; JAX's int4 steps read their kernels in bfloat16:
+    # int4_decode_kernels.py).
     logits = to_numpy(lm({"token_ids": out, "padding_mask": np.ones_like(out)}))[:, 2:-1]
     chosen = np.take_along_axis(logits, out[:, 3:, None], axis=-1)[..., 0]
-    tolerance = (3e-2 if BACKEND == "torch" else 1e-5) * np.abs(logits).max()
+    sixteen_bit = BACKEND == "torch" or (BACKEND == "jax" and mode == "int4")
+    tolerance = (3e-2 if sixteen_bit else 1e-5) * np.abs(logits).max()
     assert (chosen >= logits.max(-1) - tolerance).all(), (out, logits.argmax(-1))
 
 

@@ -8,6 +8,7 @@ from keras import ops
 
 from keras_gemma.generation.buckets import length_bucket
 from keras_gemma.generation.buckets import prefill_bucket
+from keras_gemma.generation import int4_steps
 from keras_gemma.generation.layerwise_prefill import LayerwisePrefill
 from keras_gemma.generation.layerwise_step import LayerwiseStep
 from keras_gemma.generation.loop_parts import all_true as _all_true
@@ -24,6 +25,7 @@ from keras_gemma.generation.sharding import GenerationSharding
 from keras_gemma.generation.torch_compiled_step import CompiledStep
 from keras_gemma.generation.torch_compiled_step import compile_enabled
 from keras_gemma.generation.torch_step import TracedStep
+from keras_gemma.layers import int4_decode_kernels
 from keras_gemma.layers.decode_matmul import xla_runs_on_cpu
 
 
@@ -149,15 +151,19 @@ class Generator:
         with _no_grad():
             tokens = self._sharding.place(tokens)
             mask = self._sharding.place(mask)
-            caches, scores = self._initial_state(prefill_fn(tokens), sampler, rows)
+            kernels = self._int4_kernels()
+            caches, scores = self._initial_state(
+                int4_steps.with_kernels(prefill_fn, kernels, tokens), sampler, rows
+            )
             # Placed as the compiled step returns them, so that its second call reuses the
             # first one's program.
             done, scores = self._sharding.place_rows((ops.zeros((rows,), "bool"), scores), rows)
         for index in range(start, max_length):
             index_tensor = ops.convert_to_tensor(np.int32(index))
             with _no_grad():
-                tokens, caches, done, scores = step_fn(
-                    tokens, caches, index_tensor, mask, done, scores, random_key
+                tokens, caches, done, scores = int4_steps.with_kernels(
+                    step_fn, kernels, tokens, caches, index_tensor, mask, done, scores,
+                    random_key,
                 )
             if index < prompt_length:
                 continue
@@ -263,11 +269,11 @@ class Generator:
         if keras.backend.backend() == "jax" and self._steps_from_python():
             layerwise = LayerwisePrefill(self.model, self._counted)
 
-            def run(tokens):
+            def run(tokens, kernels=None):
                 caches = self._empty_caches(tokens.shape[0], tokens.shape[1])
                 if not keep_hidden:
-                    return layerwise(tokens, caches, prefill)
-                caches, hidden = layerwise.with_hidden(tokens, caches, prefill)
+                    return layerwise(tokens, caches, prefill, kernels)
+                caches, hidden = layerwise.with_hidden(tokens, caches, prefill, kernels)
                 return caches, self._hidden_history(hidden, tokens.shape)
 
             return run
@@ -293,7 +299,17 @@ class Generator:
                 )
 
             return LayerwiseStep(self.model, finish, self._counted)
+        if keras.backend.backend() == "jax" and int4_decode_kernels.applies(self.model.backbone):
+            return int4_steps.step_reading_kernels(
+                step, self.model.backbone, lambda function: self._compile(function, xla=False)
+            )
         return self._compile(step, xla=False)
+
+    def _int4_kernels(self):
+        """Per decoder block, its int4 kernels dequantized for one generate() or stream()
+        call (JAX on a CPU; int4_steps.py), or None."""
+        prepare = self._function(("int4 kernels",), lambda: int4_steps.kernels_function(self.model))
+        return None if prepare is None else prepare()
 
     def _make_generate(self, prefill, sampler, stop_ids, pad_id, step_key):
         if self._steps_from_python():
@@ -339,15 +355,18 @@ class Generator:
         conversions are hoisted out of the loop). A step compiled on its own converts within
         each product, and the memory stays at the bfloat16 size; the prefill
         runs block by block for the same reason (`layerwise_prefill.py`), and so does a
-        step of several rows (`layerwise_step.py`).
+        step of several rows (`layerwise_step.py`). int4 weights too, their kernels
+        dequantized once per call and handed to the steps (`int4_decode_kernels.py`).
         """
         backend = keras.backend.backend()
         if backend == "torch":
             return True
         if backend != "jax" or not xla_runs_on_cpu():
             return False
-        dtype = keras.backend.standardize_dtype(self.model.backbone.compute_dtype)
-        return dtype in ("bfloat16", "float16") or _int8_weights_only(self.model.backbone)
+        backbone = self.model.backbone
+        dtype = keras.backend.standardize_dtype(backbone.compute_dtype)
+        return (dtype in ("bfloat16", "float16") or _int8_weights_only(backbone)
+                or int4_decode_kernels.applies(backbone))
 
     def _make_stepwise_generate(self, prefill, sampler, stop_ids, pad_id, step_key):
         rows = step_key[1][0]
@@ -362,15 +381,18 @@ class Generator:
 
         def run(tokens, prompt_mask, start, max_length, key):
             rows = tokens.shape[0]
-            caches, scores = self._initial_state(prefill_fn(tokens), sampler, rows)
+            kernels = self._int4_kernels()
+            caches, scores = self._initial_state(
+                int4_steps.with_kernels(prefill_fn, kernels, tokens), sampler, rows
+            )
             # Placed as the compiled step returns them, so that its second call reuses the
             # first one's program.
             done, scores = self._sharding.place_rows((ops.zeros((rows,), "bool"), scores), rows)
             index, stop = int(start), int(max_length)
             while index < stop and not _all_true(done):
                 index_tensor = _scalar_int32(index)
-                tokens, caches, done, scores = step(
-                    tokens, caches, index_tensor, prompt_mask, done, scores, key
+                tokens, caches, done, scores = int4_steps.with_kernels(
+                    step, kernels, tokens, caches, index_tensor, prompt_mask, done, scores, key
                 )
                 index += 1
             tokens, done = sampler.finalize(tokens, done, scores)

@@ -1,9 +1,11 @@
-"""Prefill one decoder block per jitted call, for JAX with 16-bit weights on CPU."""
+"""Prefill one decoder block per jitted call, for JAX with 16-bit or integer weights on CPU."""
 
 import json
 
 import keras
 from keras import ops
+
+from keras_gemma.layers import int4_decode_kernels
 
 
 class LayerwisePrefill:
@@ -27,26 +29,30 @@ class LayerwisePrefill:
         self._block_programs = {}  # by block, once its configuration was looked up
         self._embed = None
 
-    def __call__(self, tokens, caches, prefill_length):
-        return self._run(tokens, caches, prefill_length)[0]
+    def __call__(self, tokens, caches, prefill_length, kernels=None):
+        """`kernels`: per decoder block, its int4 kernels dequantized for this call
+        (int4_decode_kernels.py), or None."""
+        return self._run(tokens, caches, prefill_length, kernels)[0]
 
-    def with_hidden(self, tokens, caches, prefill_length):
+    def with_hidden(self, tokens, caches, prefill_length, kernels=None):
         """`(caches, hidden)`: also the final (normalized) hidden states [batch,
         prefill_length, hidden_dim] of the prompt, which contrastive search compares its
         candidates with; None when `prefill_length` is 0."""
-        caches, x = self._run(tokens, caches, prefill_length)
+        caches, x = self._run(tokens, caches, prefill_length, kernels)
         if x is None:
             return caches, None
         # One normalization of the prompt's activations: run as it is, not compiled.
         return caches, self.model.backbone.final_normalization(x)
 
-    def _run(self, tokens, caches, prefill_length):
+    def _run(self, tokens, caches, prefill_length, kernels):
         if not prefill_length:
             return caches, None
         x = self.embed(tokens[:, :prefill_length])
         updated = []
-        for block, cache in zip(self.model.backbone.transformer_layers, caches):
-            x, cache = self.run_block(block, x, cache, 0)
+        blocks = self.model.backbone.transformer_layers
+        for index, (block, cache) in enumerate(zip(blocks, caches)):
+            block_kernels = None if kernels is None else kernels[index]
+            x, cache = self.run_block(block, x, cache, 0, block_kernels)
             updated.append(cache)
         return updated, x
 
@@ -66,10 +72,11 @@ class LayerwisePrefill:
             self._embed = jax.jit(self._counted(embed))
         return self._embed(_values(backbone.token_embedding), token_ids)
 
-    def run_block(self, block, x, cache, cache_update_index):
-        """`block(x, cache=cache, cache_update_index=...)` as one jitted call."""
+    def run_block(self, block, x, cache, cache_update_index, kernels=None):
+        """`block(x, cache=cache, cache_update_index=...)` as one jitted call; `kernels`
+        the block's int4 kernels for this call (int4_decode_kernels.py), or None."""
         index = ops.convert_to_tensor(cache_update_index, "int32")
-        return self._program(block)(_values(block), x, cache, index)
+        return self._program(block)(_values(block), kernels or [], x, cache, index)
 
     def _program(self, block):
         # Looked up by block first: the decode loop calls this for every block at every step.
@@ -83,11 +90,13 @@ class LayerwisePrefill:
         program = self._programs.get(key)
         if program is None:
 
-            def run(weights, x, cache, cache_update_index):
+            def run(weights, kernels, x, cache, cache_update_index):
                 # `block` stands for every block of this configuration: its variables are
-                # mapped to the weights passed in.
+                # mapped to the weights passed in, its int4 layers to the kernels passed in.
+                layers = int4_decode_kernels.eligible_layers(block) if kernels else []
                 with keras.StatelessScope(state_mapping=list(zip(block.weights, weights))):
-                    return block(x, cache=cache, cache_update_index=cache_update_index)
+                    with int4_decode_kernels.provided(layers, kernels):
+                        return block(x, cache=cache, cache_update_index=cache_update_index)
 
             program = self._programs[key] = jax.jit(self._counted(run))
         self._block_programs[id(block)] = program

@@ -31,15 +31,19 @@ class LayerwiseStep:
         self._finish_program = None
         self._finish_variables = None
 
-    def __call__(self, tokens, caches, index, prompt_mask, done, scores, key):
+    def __call__(self, tokens, caches, index, prompt_mask, done, scores, key, kernels=None):
+        """`kernels`: per decoder block, its int4 kernels dequantized for this call
+        (int4_decode_kernels.py), or None."""
         import jax
 
         rows = tokens.shape[0]
         token = ops.slice(tokens, [0, index - 1], [rows, 1])
         x = self._blocks.embed(token)
         updated = []
-        for block, cache in zip(self.model.backbone.transformer_layers, caches):
-            x, cache = self._blocks.run_block(block, x, cache, index - 1)
+        blocks = self.model.backbone.transformer_layers
+        for number, (block, cache) in enumerate(zip(blocks, caches)):
+            block_kernels = None if kernels is None else kernels[number]
+            x, cache = self._blocks.run_block(block, x, cache, index - 1, block_kernels)
             updated.append(cache)
         if self._finish_program is None:
             # Listed once: the Generator makes new steps when the model's weights change.

@@ -94,9 +94,10 @@ def int8_weights_only(backbone):
     those conversions out of the loop as it does for 16-bit weights. Measured
     (2026-12-06, JAX, batch 1, whole loop -> a step per call): real Gemma 3 270M int8
     38.2 -> 59.8 tok/s, peak RSS 2.29 -> 1.71 GB; gemma_2b_en shape int8 2.03 -> 1.28
-    tok/s, 15.8 -> 6.2 GB. int4 keeps the whole loop: a step per call unpacks every
-    int4 weight each step (270M: 37.4 -> 8.1 tok/s), where the loop does it once per
-    call, holding the weights in float32 meanwhile (2B int4: 21 GB peak).
+    tok/s, 15.8 -> 6.2 GB. int4 weights take a step per call too, but only with their
+    kernels dequantized once per call (int4_decode_kernels.py): a step that unpacks every
+    int4 weight itself ran the 270M at 8.1 tok/s (37.4 in the whole loop, which holds
+    every weight in float32 meanwhile: 2B int4 21 GB peak).
     """
     modes = {layer.quantization_mode for layer in backbone._flatten_layers()}
     return "int8" in modes and not modes - {"int8", None}

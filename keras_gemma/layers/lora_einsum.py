@@ -29,6 +29,7 @@ import keras
 from keras import ops
 
 from keras_gemma.layers import decode_matmul
+from keras_gemma.layers import int4_decode_kernels
 from keras_gemma.layers import int4_kernel
 from keras_gemma.layers import quantization_defaults
 from keras_gemma.layers import quantized_products
@@ -285,17 +286,28 @@ class GemmaEinsumDense(keras.layers.EinsumDense):
             n, k = math.prod(shape[:output_axes]), math.prod(shape[output_axes:])
             if quantized_products.int4_supported(n, k, block_size):
                 return self._torch_int4(inputs, batch_axes, shape[:output_axes])
-        # Dequantized in the layout of int4_kernel.py; the int variables have no gradient,
-        # the inputs (and LoRA, added by _with_lora) keep theirs.
-        flat = ops.stop_gradient(int4_kernel.dequantized_flat(self, self.compute_dtype))
+        provided = None if training else int4_decode_kernels.kernel_for(self)
         matrix = quantized_products.matrix_form(self.equation)
-        if matrix is not None:  # inputs [rows, K] @ flat [K, N]: no transpose of the kernel
+        if provided is not None:
+            # A decode step under XLA on a CPU: the kernel was dequantized once for the whole
+            # generate() call, in bfloat16, which the rows match (int4_decode_kernels.py).
+            batch_axes, output_axes = matrix
+            rows = ops.cast(ops.reshape(inputs, (-1, provided.shape[1])), provided.dtype)
+            product = ops.cast(decode_matmul.decode_matmul(rows, provided), inputs.dtype)
+            outputs = ops.reshape(
+                product, tuple(ops.shape(inputs)[:batch_axes]) + shape[:output_axes]
+            )
+        elif matrix is not None:  # inputs [rows, K] @ flat [K, N]: no transpose of the kernel
+            # Dequantized in the layout of int4_kernel.py; the int variables have no
+            # gradient, the inputs (and LoRA, added by _with_lora) keep theirs.
+            flat = ops.stop_gradient(int4_kernel.dequantized_flat(self, self.compute_dtype))
             batch_axes, output_axes = matrix
             rows = ops.reshape(inputs, (-1, flat.shape[0]))
             outputs = ops.reshape(
                 ops.matmul(rows, flat), tuple(ops.shape(inputs)[:batch_axes]) + shape[:output_axes]
             )
         else:
+            flat = ops.stop_gradient(int4_kernel.dequantized_flat(self, self.compute_dtype))
             outputs = ops.einsum(self.equation, inputs, int4_kernel.to_kernel_shape(self, flat))
         if self.lora_enabled:  # reached only where Keras' LoRA order applies (_with_lora)
             low = ops.einsum(self.equation, inputs, self.lora_kernel_a)
