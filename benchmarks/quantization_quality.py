@@ -9,9 +9,10 @@ For float32 and each quantization (`quantize("int8")`, `quantize("int4")` and
   prompts give exactly float32's tokens, and per prompt how many tokens agree before the
   first difference.
 
-GPTQ calibrates on text the float model writes itself (seeded top-k sampling from six
-openings, `--calibration-tokens` each), so no dataset is needed; `--calibration-seeds 0,1`
-runs GPTQ once per seed, to show how much the result depends on the calibration text.
+GPTQ calibrates on text the float model writes itself (seeded top-k sampling, `--top-k`
+50, from six openings, `--calibration-tokens` each), so no dataset is needed; `--calibration-seeds 0,1`
+runs GPTQ once per seed, to show how much the result depends on the calibration text. It
+rounds in activation order (`GPTQConfig(activation_order=True)`) unless `--natural-order`.
 
 Quality is a property of the quantized weights, the same on every backend; the default
 backend is JAX (the quickest here for the eager calibration pass). The weights come from the
@@ -88,6 +89,10 @@ def main():
     parser.add_argument("--calibration-seeds", default="0")
     parser.add_argument("--calibration-tokens", type=int, default=320)
     parser.add_argument("--group-size", type=int, default=32)
+    parser.add_argument("--top-k", type=int, default=50,
+                        help="the sampler that writes the calibration text")
+    parser.add_argument("--natural-order", action="store_true",
+                        help="GPTQ in input order (activation_order=False; default: True)")
     args = parser.parse_args()
 
     import keras
@@ -121,15 +126,15 @@ def main():
         backbone.set_weights(weights)
         start = time.perf_counter()
         if mode == "gptq":
-            lm.compile(sampler=TopKSampler(k=5, seed=seed))
+            lm.compile(sampler=TopKSampler(k=args.top_k, seed=seed))
             lm_float = GemmaCausalLM(backbone, lm.preprocessor)
-            lm_float.compile(sampler=TopKSampler(k=5, seed=seed))
+            lm_float.compile(sampler=TopKSampler(k=args.top_k, seed=seed))
             calibration = lm_float.generate(CALIBRATION_PROMPTS,
                                             max_length=args.calibration_tokens)
             start = time.perf_counter()  # the quantization alone
             backbone.quantize("gptq", config=keras.quantizers.GPTQConfig(
                 dataset=calibration, tokenizer=tokenizer, group_size=args.group_size,
-                sequence_length=512))
+                sequence_length=512, activation_order=not args.natural_order))
         else:
             backbone.quantize(mode)
         seconds = time.perf_counter() - start

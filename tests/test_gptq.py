@@ -46,27 +46,31 @@ def test_values_lie_on_keras_int4_grid():
     assert np.isfinite(dequantized).all()
 
 
-def test_uncorrelated_inputs_make_it_round_to_nearest():
+@pytest.mark.parametrize("activation_order", [False, True])
+def test_uncorrelated_inputs_make_it_round_to_nearest(activation_order):
     # With H diagonal, the Cholesky factor of H^-1 is diagonal: no error reaches another
-    # column, so GPTQ must equal plain rounding on the same grids.
+    # column, so GPTQ must equal plain rounding on the same grids, in any column order.
     rng = np.random.default_rng(1)
     weights = rng.standard_normal((16, 64))
     hessian = np.diag(rng.uniform(0.5, 2.0, 64))
-    values, scale, zero = gptq.gptq_int4(weights, hessian, group_size=32, damping=0.0)
+    values, scale, zero = gptq.gptq_int4(weights, hessian, group_size=32, damping=0.0,
+                                         activation_order=activation_order)
     expected_values, expected_scale, expected_zero = _round_to_nearest(weights, 32)
     np.testing.assert_array_equal(values, expected_values)
     np.testing.assert_allclose(scale, expected_scale, rtol=1e-6)
     np.testing.assert_array_equal(zero, expected_zero)
 
 
-@pytest.mark.parametrize("symmetric", [False, True])
-def test_output_error_below_round_to_nearest(symmetric):
+@pytest.mark.parametrize("symmetric, activation_order",
+                         [(False, False), (True, False), (False, True)])
+def test_output_error_below_round_to_nearest(symmetric, activation_order):
     # What GPTQ minimizes: the layer's output error on the calibration inputs.
     rng = np.random.default_rng(2)
     weights = rng.standard_normal((48, 256))
     inputs = _correlated_inputs(rng, 1024, 256)
     hessian = inputs.T @ inputs / len(inputs)
-    values, scale, zero = gptq.gptq_int4(weights, hessian, group_size=32, symmetric=symmetric)
+    values, scale, zero = gptq.gptq_int4(weights, hessian, group_size=32, symmetric=symmetric,
+                                         activation_order=activation_order)
     ours = _dequantized(values, scale, zero, 32)
     if symmetric:
         assert not zero.any()

@@ -57,19 +57,30 @@ def test_layers_get_the_documented_formats(tiny_preset):
     assert query._input_observer is None  # calibration's observers are gone
 
 
-def test_calibration_beats_plain_rounding_on_calibration_text(tiny_preset, monkeypatch):
+@pytest.mark.parametrize("activation_order", [False, True])
+def test_calibration_beats_plain_rounding_on_calibration_text(
+    tiny_preset, monkeypatch, activation_order
+):
     # The same formats with GPTQ's error feedback switched off (each group rounded on the
     # same searched grid): calibrated weights must move the hidden states less.
     lm = GemmaCausalLM.from_preset(tiny_preset)
     ids = _calibration_ids(lm)
     reference = _hidden(lm, ids)
-    lm.quantize("gptq", config=_config(lm))
-    calibrated = np.mean(np.square(_hidden(lm, ids) - reference))
-
+    orders = []
     with_feedback = gptq.gptq_int4
 
-    def without_feedback(weights, hessian, group_size=32, symmetric=False, damping=0.01):
-        return with_feedback(weights, np.diag(np.diag(hessian)), group_size, symmetric, 0.0)
+    def recording(weights, hessian, **options):
+        orders.append(options["activation_order"])
+        return with_feedback(weights, hessian, **options)
+
+    monkeypatch.setattr(gptq, "gptq_int4", recording)
+    lm.quantize("gptq", config=_config(lm, activation_order=activation_order))
+    assert orders and set(orders) == {activation_order}  # the config's order reaches GPTQ
+    calibrated = np.mean(np.square(_hidden(lm, ids) - reference))
+
+    def without_feedback(weights, hessian, **options):
+        options.update(damping=0.0)
+        return with_feedback(weights, np.diag(np.diag(hessian)), **options)
 
     monkeypatch.setattr(gptq, "gptq_int4", without_feedback)
     plain_lm = GemmaCausalLM.from_preset(tiny_preset)
@@ -106,7 +117,6 @@ def test_token_id_dataset_and_filters(tiny_preset):
     "overrides, message",
     [
         (dict(weight_bits=8), "writes int4 weights; got GPTQConfig\\(weight_bits=8\\)"),
-        (dict(activation_order=True), "activation_order=True\\) is not supported"),
         (dict(tokenizer=None), "holds strings but `tokenizer` is None"),
         (dict(dataset="one string"), "must be a list of strings or of token id arrays"),
         (dict(group_size=7), "groups of 7 inputs do not divide"),
@@ -128,3 +138,38 @@ def test_gptq_without_config_and_awq_are_refused(float_lm):
     with pytest.raises(ValueError, match="does not implement quantize\\('awq'\\)"):
         lm.quantize("awq", config=keras.quantizers.AWQConfig(
             dataset=_calibration_text(), tokenizer=lm.preprocessor.tokenizer))
+
+
+def test_a_sixth_of_the_blocks_at_each_end_stay_int8():
+    from conftest import assign_random_weights
+    from conftest import tiny_config
+
+    from keras_gemma import GemmaBackbone
+    from keras_gemma.gptq_quantization import int8_edge_blocks
+
+    assert [int8_edge_blocks(n) for n in (2, 6, 18, 26)] == [0, 1, 3, 4]
+    backbone = GemmaBackbone(**tiny_config(num_layers=6))
+    assign_random_weights(backbone)
+    rows = [np.arange(3, 40), np.arange(50, 90)]
+    backbone.quantize("gptq", config=keras.quantizers.GPTQConfig(
+        dataset=rows, tokenizer=None, group_size=8, sequence_length=32))
+    modes = [block.attention.query_dense.quantization_mode for block in backbone.transformer_layers]
+    assert modes == ["int8", "int4", "int4", "int4", "int4", "int8"]
+    gating = [block.gating_ffw.quantization_mode for block in backbone.transformer_layers]
+    assert gating == modes
+    # Blocks of one configuration but other variables: generate runs each block with its
+    # own (a block-by-block program traced for an int4 block refused an int8 one), and
+    # decodes what the one-loop program decodes.
+    from keras_gemma.generation.generator import Generator
+
+    lm = GemmaCausalLM(backbone)
+    ids = np.zeros((2, 16), "int32")
+    ids[:, :4] = [[2, 40, 41, 42], [2, 7, 8, 9]]
+    prompt = {"token_ids": ids, "padding_mask": np.arange(16)[None] < 4}
+    output = lm.generate(prompt, stop_token_ids=None)["token_ids"]
+    steps = lm.generator._steps_from_python()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Generator, "_steps_from_python", lambda self: not steps)
+        lm.generator.reset()
+        np.testing.assert_array_equal(lm.generate(prompt, stop_token_ids=None)["token_ids"],
+                                      output)

@@ -9,7 +9,6 @@ included) are checked against numpy in tests/test_quantized_products.py; the rea
 """
 
 import gc
-import os
 
 import keras
 import numpy as np
@@ -95,25 +94,28 @@ def test_int4_perplexity_is_bounded(float_weights, expected):
 
 
 
-@pytest.mark.skipif(
-    os.environ.get("KERAS_GEMMA_SLOW_TESTS") != "1",
-    reason="~4 minutes (calibration text, then GPTQ of 90 layers): KERAS_GEMMA_SLOW_TESTS=1",
-)
-def test_gptq_int4_perplexity_is_bounded(path, expected):
-    # Issue 17 asks for 5%. Measured: +5.7% with this calibration text; +1.8% with ~1,900
-    # tokens generated from longer openings (gptq_quantization.py); round to nearest +31.6%.
+def test_gptq_int4_perplexity_within_five_percent(path, expected):
+    # Issue 17 asks for 5%. Calibration text that the float model writes itself (seeded),
+    # GPTQ in activation order: +2.2% to +3.4% on three such texts (gptq_quantization.py);
+    # in input order +6.9% to +9.8%; round to nearest +31.6%.
+    from keras_gemma.generation.top_k_sampler import TopKSampler
+
     lm = GemmaCausalLM.from_preset(path, dtype="float32")
-    lm.compile(sampler="top_k")
+    lm.compile(sampler=TopKSampler(k=5, seed=1))
     calibration = lm.generate(CALIBRATION_PROMPTS, max_length=320)
     config = keras.quantizers.GPTQConfig(
         dataset=calibration, tokenizer=lm.preprocessor.tokenizer, group_size=32,
-        sequence_length=512,
+        sequence_length=512, activation_order=True,
     )
-    lm.quantize("gptq", config=config)
+    gc.freeze()  # Keras runs gc.collect() once per quantized layer
+    try:
+        lm.quantize("gptq", config=config)
+    finally:
+        gc.unfreeze()
     assert lm.backbone.transformer_layers[0].gating_ffw.quantization_mode == "int4"
     ids = np.asarray(expected["paragraph_ids"], "int32")[None]
     hidden = lm.backbone({"token_ids": ids, "padding_mask": np.ones_like(ids)})
     ours = perplexity(to_numpy(lm.backbone.token_embedding(hidden, reverse=True))[0], ids[0])
     float32 = float(expected["paragraph_perplexity"])
     print(f"perplexity: GPTQ int4 {ours:.4f}, float32 (transformers) {float32:.4f}")
-    assert ours / float32 < 1.08
+    assert ours / float32 < 1.05

@@ -86,7 +86,10 @@ class LayerwisePrefill:
         import jax
 
         config = {k: v for k, v in block.get_config().items() if k != "name"}
-        key = json.dumps(config, sort_keys=True, default=str)
+        # Blocks of one configuration may still hold different variables: GPTQ keeps the
+        # first and last blocks int8 where the others are int4.
+        variables = [(tuple(v.shape), str(v.dtype)) for v in block.weights]
+        key = json.dumps([config, variables], sort_keys=True, default=str)
         program = self._programs.get(key)
         if program is None:
 

@@ -66,13 +66,19 @@ def grid(weights, symmetric=False):
     return best_scale, best_zero
 
 
-def gptq_int4(weights, hessian, group_size=32, symmetric=False, damping=0.01):
+def gptq_int4(weights, hessian, group_size=32, symmetric=False, damping=0.01,
+              activation_order=False):
     """GPTQ of `weights` [out, in] given `hessian` = X^T X / n [in, in] of its inputs.
 
     Returns `(values, scale, zero)`: int8 values in [-8, 7] [out, in], and float32 scale
     and zero [in / group_size, out] (Keras' int4 `kernel_scale` / `kernel_zero` layout,
     transposed kernels aside). `in` must be a multiple of `group_size`. `damping` times the
     mean of H's diagonal is added to it, as in the paper (Keras' `hessian_damping`).
+
+    `activation_order`: round the columns in decreasing order of H's diagonal (the inputs
+    with the most energy first, while the most columns remain to absorb their error), with
+    each group's grid chosen from the weights before any rounding ("static groups": a
+    group's columns are no longer reached together, and the groups stay contiguous inputs).
     """
     weights = np.array(weights, dtype=np.float64)
     hessian = np.array(hessian, dtype=np.float64)
@@ -86,21 +92,31 @@ def gptq_int4(weights, hessian, group_size=32, symmetric=False, damping=0.01):
     dead = np.diag(hessian) == 0
     hessian[dead, dead] = 1.0
     hessian[np.diag_indices(inputs)] += damping * np.mean(np.diag(hessian))
+
+    scales = np.zeros((inputs // group_size, outputs))
+    zeros = np.zeros_like(scales)
+    if activation_order:
+        for group in range(inputs // group_size):
+            columns = slice(group * group_size, (group + 1) * group_size)
+            scales[group], zeros[group] = grid(weights[:, columns], symmetric)
+        order = np.argsort(-np.diag(hessian), kind="stable")
+        weights, hessian = weights[:, order], hessian[np.ix_(order, order)]
+    else:
+        order = np.arange(inputs)
     # Upper Cholesky factor of H^-1: row j holds how column j's error spreads to later ones.
     inverse_factor = np.linalg.cholesky(np.linalg.inv(hessian)).T
 
     values = np.zeros((outputs, inputs), np.int8)
-    scales = np.zeros((inputs // group_size, outputs))
-    zeros = np.zeros_like(scales)
     for start in range(0, inputs, BLOCK_COLUMNS):
         stop = min(start + BLOCK_COLUMNS, inputs)
         block = weights[:, start:stop].copy()
         errors = np.zeros_like(block)
         factor = inverse_factor[start:stop, start:stop]
         for offset in range(stop - start):
-            column = start + offset
-            if column % group_size == 0:
-                group = column // group_size
+            column = order[start + offset]
+            group = column // group_size
+            if not activation_order and column % group_size == 0:
+                # The group's grid from its weights as corrected so far (natural order).
                 upcoming = np.concatenate(
                     [block[:, offset:], weights[:, stop:column + group_size]], axis=1
                 )[:, :group_size]
