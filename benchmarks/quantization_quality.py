@@ -10,9 +10,10 @@ For float32 and each quantization (`quantize("int8")`, `quantize("int4")` and
   first difference.
 
 GPTQ calibrates on text the float model writes itself (seeded top-k sampling, `--top-k`
-50, from six openings, `--calibration-tokens` each), so no dataset is needed; `--calibration-seeds 0,1`
-runs GPTQ once per seed, to show how much the result depends on the calibration text. It
-rounds in activation order (`GPTQConfig(activation_order=True)`) unless `--natural-order`.
+50, from six openings, `--calibration-tokens` each), so no dataset is needed;
+`--calibration-seeds 0,1` runs GPTQ once per seed, to show how much the result depends on
+the calibration text. It rounds in activation order (`GPTQConfig(activation_order=True)`)
+unless `--natural-order`.
 
 Quality is a property of the quantized weights, the same on every backend; the default
 backend is JAX (the quickest here for the eager calibration pass). The weights come from the

@@ -7,39 +7,51 @@ writes Keras' "gptq" variables. keras_gemma runs its own (layers/gptq.py) and wr
 int4 variables instead, with a mix measured on the real Gemma 3 270M:
 
 - query, key, attention output and the two FFN gating projections: GPTQ int4 in groups of
-  `config.group_size` inputs (32 is what was measured; Keras' default is 128);
+  `config.group_size` inputs (32 is what was measured; Keras' default is 128), rounded in
+  activation order if `config.activation_order` (recommended; Keras' default is False);
 - value and FFN-down projections: int8 (weight-only), as llama.cpp's Q4_K_M keeps them at 6
   to 8 bits: they are the most sensitive to rounding, and the FFN-down Hessian would be the
   largest to hold ([16384, 16384] a layer at 2B);
+- every projection of the first and last sixth of the blocks (`int8_edge_blocks`: 3 of the
+  270M's 18): int8, as llama.cpp gives its first and last eighths more bits;
 - the tied embedding: int8, as `quantize("int4")` does.
 
 Calibration runs the float model once over the calibration tokens (not block by block on
 already-quantized inputs): every block's Hessian X^T X / n comes from that one pass, one per
 distinct input (query and key share one, the two gating projections another).
 
-Perplexity of the real Gemma 3 270M on tests/gguf_reference.PARAGRAPH (JAX, 2026-12-01;
-float32 24.49; calibration texts that the float model wrote itself, top-k sampling):
+Perplexity of the real Gemma 3 270M on tests/gguf_reference.PARAGRAPH (JAX; float32 24.49;
+calibration texts that the float model wrote itself from CALIBRATION_PROMPTS, ~1,700-1,900
+tokens, `benchmarks/quantization_quality.py`), ratio to float32:
 
-    quantize("int4"): round to nearest, groups of 32                  32.22  +31.6%
-    GPTQ, every projection int4, 261 hand-written tokens                29.97  +22.4%
-    GPTQ, every projection int4, ~1,900 generated tokens, scale search  28.10  +14.8%
-    GPTQ, value/FFN-down int8, 261 hand-written tokens, no search       26.84   +9.6%
-    GPTQ, value/FFN-down int8, ~1,900 generated tokens, scale search    24.94   +1.8%
-    the same, other generated text (tests/test_real_gemma3_270m_...)   25.89   +5.7%
+    quantize("int4"): round to nearest, groups of 32                     1.316
+    GPTQ, every projection int4, 261 hand-written tokens (12-01)         1.224
+    GPTQ, every projection int4, generated text, scale search (12-01)    1.148
+    GPTQ, value/FFN-down int8, input order, three texts (12-05)          1.069 - 1.098
+    the same in activation order, three texts, top-k 5 (12-06)           1.032 - 1.073
+    the same, three texts, top-k 50 (12-06)                              1.033 - 1.058
+    and the edge blocks int8 (this recipe), top-k 50 (12-06)             1.007 - 1.020
+    the same, top-k 5 (12-06)                                            1.018 - 1.049
 
-The last two rows differ only in the calibration text. Three more generated texts
-(2026-12-01, seeds of one top-k sampler, ~1,900 tokens each) gave +5.6%, +4.7% and +6.5%,
-and the three together (~5,700 tokens) +6.5%: more text of this kind does not steady it.
-Sequential calibration (each block's Hessians from the activations of the blocks before
-it, already quantized; Frantar et al.'s order) gave +3.6%, +5.9% and +6.3% on those three
-texts: no better on average, at 1.3-3x the time, so it is not used. These float weights are themselves llama.cpp's 4- to 8-bit values
-(mostly Q5_0), which a second, coarser grid cannot hold; on weights trained in bfloat16 the
-figures may differ.
+Activation order is the largest step: it rounds the inputs that carry the most signal first
+(while the most columns remain to take their error) on grids fixed from the weights before
+any rounding. The edge blocks hold a third of the int4 candidates; with them in int8 the
+figure no longer depends much on the calibration text (a mix measured with simulated
+rounding: int4 only in the gating projections of the middle blocks 1.001 - 1.008, which
+would leave a third of the int4 this recipe has). Calibration text matters: a few hundred
+hand-written tokens are too few, and the model's own samples at top-k 5, which repeat
+themselves, came closest to the 5% bound (1.049 once) where top-k 50 samples stayed
+under 1.02. Sequential calibration (each block's Hessians from the activations of the blocks
+before it, already quantized; Frantar et al.'s order) was no better on average (+3.6%,
++5.9%, +6.3% against +4.7% to +6.5%, 12-01) at 1.3-3x the time, so it is not used. These
+float weights are themselves llama.cpp's 4- to 8-bit values (mostly Q5_0), which a second,
+coarser grid cannot hold; on weights trained in bfloat16 the figures may differ.
 
 Example:
 >>> config = keras.quantizers.GPTQConfig(
 ...     dataset=["Some text like the text the model will see.", ...],
-...     tokenizer=lm.preprocessor.tokenizer, group_size=32, sequence_length=256)
+...     tokenizer=lm.preprocessor.tokenizer, group_size=32, sequence_length=256,
+...     activation_order=True)
 >>> lm.quantize("gptq", config=config)
 """
 

@@ -1,5 +1,6 @@
-"""The real Gemma 3 270M quantized with `quantize("int8")` and `quantize("int4")`: perplexity
-against the float32 model's, as computed by transformers on the same GGUF file.
+"""The real Gemma 3 270M quantized with `quantize("int8")`, `quantize("int4")` and
+`quantize("gptq")`: perplexity against the float32 model's, as computed by transformers on
+the same GGUF file.
 
 Needs what tests/test_real_gemma3_270m.py needs (skipped without it) and reuses its cached
 transformers reference. JAX only: quality is a property of the quantized weights, which are
@@ -92,16 +93,15 @@ def test_int4_perplexity_is_bounded(float_weights, expected):
     assert ours / float32 < 1.36
 
 
-
-
 def test_gptq_int4_perplexity_within_five_percent(path, expected):
     # Issue 17 asks for 5%. Calibration text that the float model writes itself (seeded),
-    # GPTQ in activation order: +2.2% to +3.4% on three such texts (gptq_quantization.py);
-    # in input order +6.9% to +9.8%; round to nearest +31.6%.
+    # GPTQ in activation order, the edge blocks in int8: +0.7% to +2.0% on three such texts
+    # (gptq_quantization.py); with int4 in the edge blocks +3.3% to +5.8%; in input order
+    # +6.9% to +9.8%; round to nearest +31.6%.
     from keras_gemma.generation.top_k_sampler import TopKSampler
 
     lm = GemmaCausalLM.from_preset(path, dtype="float32")
-    lm.compile(sampler=TopKSampler(k=5, seed=1))
+    lm.compile(sampler=TopKSampler(k=50, seed=1))
     calibration = lm.generate(CALIBRATION_PROMPTS, max_length=320)
     config = keras.quantizers.GPTQConfig(
         dataset=calibration, tokenizer=lm.preprocessor.tokenizer, group_size=32,
@@ -112,7 +112,10 @@ def test_gptq_int4_perplexity_within_five_percent(path, expected):
         lm.quantize("gptq", config=config)
     finally:
         gc.unfreeze()
-    assert lm.backbone.transformer_layers[0].gating_ffw.quantization_mode == "int4"
+    blocks = lm.backbone.transformer_layers
+    assert [block.gating_ffw.quantization_mode for block in blocks] == (
+        ["int8"] * 3 + ["int4"] * 12 + ["int8"] * 3
+    )
     ids = np.asarray(expected["paragraph_ids"], "int32")[None]
     hidden = lm.backbone({"token_ids": ids, "padding_mask": np.ones_like(ids)})
     ours = perplexity(to_numpy(lm.backbone.token_embedding(hidden, reverse=True))[0], ids[0])

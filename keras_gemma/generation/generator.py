@@ -151,7 +151,7 @@ class Generator:
         with _no_grad():
             tokens = self._sharding.place(tokens)
             mask = self._sharding.place(mask)
-            kernels = self._int4_kernels()
+            kernels = self._int4_kernels(rows)
             caches, scores = self._initial_state(
                 int4_steps.with_kernels(prefill_fn, kernels, tokens), sampler, rows
             )
@@ -305,10 +305,12 @@ class Generator:
             )
         return self._compile(step, xla=False)
 
-    def _int4_kernels(self):
+    def _int4_kernels(self, rows):
         """Per decoder block, its int4 kernels dequantized for one generate() or stream()
-        call (JAX on a CPU; int4_steps.py), or None."""
-        prepare = self._function(("int4 kernels",), lambda: int4_steps.kernels_function(self.model))
+        call of `rows` rows (JAX on a CPU; int4_steps.py), or None."""
+        prepare = self._function(
+            ("int4 kernels", rows), lambda: int4_steps.kernels_function(self.model, rows)
+        )
         return None if prepare is None else prepare()
 
     def _make_generate(self, prefill, sampler, stop_ids, pad_id, step_key):
@@ -381,7 +383,7 @@ class Generator:
 
         def run(tokens, prompt_mask, start, max_length, key):
             rows = tokens.shape[0]
-            kernels = self._int4_kernels()
+            kernels = self._int4_kernels(rows)
             caches, scores = self._initial_state(
                 int4_steps.with_kernels(prefill_fn, kernels, tokens), sampler, rows
             )

@@ -2,7 +2,7 @@
 steps and prefill that read them (the measurements: layers/int4_decode_kernels.py).
 
 Example:
->>> prepare = kernels_function(lm)           # None unless int4 decodes this way
+>>> prepare = kernels_function(lm, rows=1)   # None unless int4 decodes this way
 >>> kernels = prepare()                      # per decoder block, its int4 kernels
 >>> step = step_reading_kernels(step, lm.backbone, compile)
 >>> outputs = with_kernels(step, kernels, tokens, caches, index, mask, done, scores, key)
@@ -12,15 +12,16 @@ from keras_gemma.generation.loop_parts import jax_stateless_jit
 from keras_gemma.layers import int4_decode_kernels
 
 
-def kernels_function(model):
-    """A jitted function of no arguments giving, per decoder block, the bfloat16 kernels of
-    its int4 projections; None where int4_decode_kernels does not apply."""
+def kernels_function(model, rows):
+    """A jitted function of no arguments giving, per decoder block, the kernels of its int4
+    projections for steps of `rows` rows; None where int4_decode_kernels does not apply."""
     backbone = model.backbone
     if not int4_decode_kernels.applies(backbone):
         return None
     blocks = [int4_decode_kernels.eligible_layers(block) for block in backbone.transformer_layers]
+    dtype = int4_decode_kernels.kernel_dtype(rows)
     return jax_stateless_jit(model, lambda: [
-        [int4_decode_kernels.dequantized(layer) for layer in layers] for layers in blocks
+        [int4_decode_kernels.dequantized(layer, dtype) for layer in layers] for layers in blocks
     ])
 
 

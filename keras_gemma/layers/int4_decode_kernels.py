@@ -18,8 +18,9 @@ with it: float32 copies of every weight, read in the [in, out] layout (gemma_2b_
 3.2 tok/s in 21 GB peak).
 
 So `generate()` and `stream()` dequantize each int4 projection once per call into a
-bfloat16 [out, in] kernel (`dequantized`), and the jitted steps and the block-by-block
-prefill read those (`provided`) with their rows rounded to bfloat16 too; everything else
+bfloat16 [out, in] kernel (`dequantized`; float32 for several rows, `kernel_dtype`), and the
+jitted steps and the block-by-block prefill read those (`provided`) with their rows rounded
+to bfloat16 too; everything else
 runs as for int8 weights (a step per call, the int8 tied table converted inside its
 product). Decode tok/s of int4 against float32 in the same run (the real 270M:
 `benchmarks/gemma3_270m.py --backends jax`; the 2B shape: two gemma_2b_en blocks, a
@@ -36,7 +37,11 @@ kernels' values and the rows are rounded to bfloat16 (2^-9 relative each, far un
 own steps), as PyTorch's packed kernels round theirs (quantized_products.py), so the
 product equals the float32 product of the int4 values only to bfloat16 rounding; and 2 bytes
 a weight of the int4 projections for the length of the call (the 270M: 0.15 GB;
-gemma_2b_en: 4 GB). At rest the model holds its int4 variables.
+gemma_2b_en: 4 GB; twice that for several rows). At rest the model holds its int4
+variables. gemma_2b_en in int4 (`benchmarks/generate.py --shapes 2b --dtypes int4`): batch
+1 2.90 tok/s in 10.1 GB peak (the whole loop: 3.21 in 21 GB); its float32 runs 5.4 here:
+at this size the bfloat16 kernels read slower per byte than float32 ones (eight blocks:
+73 against 61 ms a step).
 
 Example:
 >>> layers = eligible_layers(lm.backbone.transformer_layers[0])
@@ -69,11 +74,19 @@ def eligible_layers(layer):
     ]
 
 
-def dequantized(layer):
-    """The bfloat16 kernel [out, in] of an int4 layer in `eligible_layers` (its inputs
+def kernel_dtype(rows):
+    """The dtype of the kernels for steps of `rows` rows: bfloat16 for one (XLA reads it
+    fast in `x @ W.T`), float32 for more, where XLA's bfloat16 products are slow (four
+    gemma_2b_en blocks, 8 rows, ms a step: bfloat16 kernels 562, float32 kernels 104, the
+    float32 model 96)."""
+    return "bfloat16" if rows == 1 else "float32"
+
+
+def dequantized(layer, dtype="bfloat16"):
+    """The kernel [out, in] of an int4 layer in `eligible_layers`, in `dtype` (its inputs
     flattened: the layout `decode_matmul` reads fastest)."""
     flat = int4_kernel.dequantized_flat(layer, "float32")  # [in, out]
-    return ops.transpose(ops.cast(flat, "bfloat16"))
+    return ops.transpose(ops.cast(flat, dtype))
 
 
 @contextlib.contextmanager

@@ -289,11 +289,14 @@ class GemmaEinsumDense(keras.layers.EinsumDense):
         provided = None if training else int4_decode_kernels.kernel_for(self)
         matrix = quantized_products.matrix_form(self.equation)
         if provided is not None:
-            # A decode step under XLA on a CPU: the kernel was dequantized once for the whole
-            # generate() call, in bfloat16, which the rows match (int4_decode_kernels.py).
+            # Under XLA on a CPU, the kernel was dequantized once for the whole generate()
+            # call (int4_decode_kernels.py): one row reads it in bfloat16, rounded alike;
+            # several (a prefill) in float32, where XLA's bfloat16 products are slow.
             batch_axes, output_axes = matrix
-            rows = ops.cast(ops.reshape(inputs, (-1, provided.shape[1])), provided.dtype)
-            product = ops.cast(decode_matmul.decode_matmul(rows, provided), inputs.dtype)
+            rows = ops.reshape(inputs, (-1, provided.shape[1]))
+            kernel = provided if rows.shape[0] == 1 else ops.cast(provided, "float32")
+            product = decode_matmul.decode_matmul(ops.cast(rows, kernel.dtype), kernel)
+            product = ops.cast(product, inputs.dtype)
             outputs = ops.reshape(
                 product, tuple(ops.shape(inputs)[:batch_axes]) + shape[:output_axes]
             )
