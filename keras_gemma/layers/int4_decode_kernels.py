@@ -18,11 +18,11 @@ with it: float32 copies of every weight, read in the [in, out] layout (gemma_2b_
 3.2 tok/s in 21 GB peak).
 
 So `generate()` and `stream()` dequantize each int4 projection once per call into a
-bfloat16 [out, in] kernel (`dequantized`; float32 for several rows, `kernel_dtype`), and the
-jitted steps and the block-by-block prefill read those (`provided`) with their rows rounded
-to bfloat16 too; everything else
-runs as for int8 weights (a step per call, the int8 tied table converted inside its
-product). Decode tok/s of int4 against float32 in the same run (the real 270M:
+bfloat16 [out, in] kernel (`dequantized`; float32 for steps of several rows,
+`kernel_dtype`), and the jitted steps and the block-by-block prefill read those
+(`provided`): one row rounded to bfloat16 too, several rows (a prefill) against the kernel
+widened to float32 in the block's program. Everything else runs as for int8 weights (a step
+per call, the int8 tied table converted inside its product). Decode tok/s of int4 against float32 in the same run (the real 270M:
 `benchmarks/gemma3_270m.py --backends jax`; the 2B shape: two gemma_2b_en blocks, a
 1,024-token vocabulary, ms a token; 2026-12-06):
 
@@ -38,10 +38,11 @@ own steps), as PyTorch's packed kernels round theirs (quantized_products.py), so
 product equals the float32 product of the int4 values only to bfloat16 rounding; and 2 bytes
 a weight of the int4 projections for the length of the call (the 270M: 0.15 GB;
 gemma_2b_en: 4 GB; twice that for several rows). At rest the model holds its int4
-variables. gemma_2b_en in int4 (`benchmarks/generate.py --shapes 2b --dtypes int4`): batch
-1 2.90 tok/s in 10.1 GB peak (the whole loop: 3.21 in 21 GB); its float32 runs 5.4 here:
-at this size the bfloat16 kernels read slower per byte than float32 ones (eight blocks:
-73 against 61 ms a step).
+variables. gemma_2b_en in int4 (`benchmarks/generate.py --shapes 2b --dtypes int4`, one
+run): batch 1 5.27 tok/s, batch 8 0.82 a row, 15.9 GB peak (batch 8's float32 kernels;
+the whole loop before: 3.21 tok/s in 21 GB); float32 ran 5.36 at batch 1 in an earlier
+run: level at this size, where bfloat16 kernels read slower per byte than float32 ones
+(eight blocks: 73 against 61 ms a step).
 
 Example:
 >>> layers = eligible_layers(lm.backbone.transformer_layers[0])
