@@ -214,9 +214,10 @@ def quantize_with_gptq(backbone, config, filters=None):
                     "for Gemma)."
                 )
     edges = int8_edge_blocks(len(blocks))
+    int8_blocks = set(range(edges)) | set(range(len(blocks) - edges, len(blocks)))
     observers = {}
     for index, layers in enumerate(blocks):
-        if index < edges or index >= len(blocks) - edges:
+        if index in int8_blocks:
             continue  # all int8: no Hessian needed
         for name in set(_INT4_LAYERS.values()) & layers.keys():
             observers[index, name] = layers[name]._input_observer = _HessianObserver(layers[name])
@@ -236,11 +237,10 @@ def quantize_with_gptq(backbone, config, filters=None):
 
     with one_collection():
         for index, layers in enumerate(blocks):
-            edge = index < edges or index >= len(blocks) - edges
             for name, layer in layers.items():
                 if not should_quantize_layer(layer, filters):
                     continue
-                if name in _INT8_LAYERS or edge:
+                if name in _INT8_LAYERS or index in int8_blocks:
                     layer.quantize("int8")
                 else:
                     hessian = observers[index, _INT4_LAYERS[name]].hessian()

@@ -412,10 +412,10 @@ class Generator:
             if signature != self._signature:
                 self._functions = {}
                 self._signature = signature
-            function = self._functions.get(key)
-            if function is None:
-                function = self._functions[key] = make()
-        return function
+            if key not in self._functions:
+                # None is kept too (no int4 kernels for this model): asked once, not per call.
+                self._functions[key] = make()
+            return self._functions[key]
 
     def _counted(self, function):
         # Python runs only while jax.jit, tf.function or jit.trace traces the function.
