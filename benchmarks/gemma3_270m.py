@@ -227,6 +227,16 @@ def child(implementation, args):
 # The driver.
 
 
+def best_round(results):
+    """The result of the fastest round, with `rounds_decode`: every round's decode tok/s."""
+    ok = [r for r in results if "decode_tokens_per_second" in r]
+    if not ok:
+        return results[-1]
+    best = dict(max(ok, key=lambda r: r["decode_tokens_per_second"]))
+    best["rounds_decode"] = [round(r["decode_tokens_per_second"], 2) for r in ok]
+    return best
+
+
 def run_child(implementation, backend, args):
     environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     if backend == INDUCTOR:
@@ -241,7 +251,8 @@ def run_child(implementation, backend, args):
 
 
 def report(rows, args):
-    print(f"\nGemma 3 270M, batch 1, {args.new_tokens} new tokens, best of {args.repeats}, "
+    print(f"\nGemma 3 270M, batch 1, {args.new_tokens} new tokens, best of {args.repeats}"
+          f"{f' in each of {args.rounds} interleaved rounds' if args.rounds > 1 else ''}, "
           f"prompt {args.prompt!r}, {args.threads} torch/llama.cpp threads\n")
     print(f"{'implementation':14s} {'backend':8s} {'decode tok/s':>12s} {'prefill s':>9s} "
           f"{'compile s':>9s} {'load s':>7s} {'RSS GB':>7s} {'wall s':>7s}")
@@ -252,7 +263,8 @@ def report(rows, args):
             continue
         print(f"{name} {r['decode_tokens_per_second']:12.2f} {r['prefill_seconds']:9.3f} "
               f"{r['compile_seconds']:9.2f} {r['load_seconds']:7.1f} {r['peak_rss_gb']:7.2f} "
-              f"{r['wall_seconds']:7.1f}")
+              f"{r['wall_seconds']:7.1f}"
+              f"{'  rounds: ' + ' '.join(map(str, r['rounds_decode'])) if args.rounds > 1 else ''}")
 
     ok = {key: r for key, r in rows.items() if "decode_tokens_per_second" in r}
     print()
@@ -301,6 +313,9 @@ def main():
                              "=1), for keras_gemma rows only")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every row this many times, interleaved, each in a fresh "
+                             "process; the table shows each row's fastest round")
     parser.add_argument("--threads", type=int, default=2, help="torch and llama.cpp threads")
     parser.add_argument("--prompt", default="Once upon a time")
     parser.add_argument("--hf-dir", default=os.path.join(tempfile.gettempdir(),
@@ -310,6 +325,8 @@ def main():
     args = parser.parse_args()
     if args.new_tokens < 2:
         parser.error("--new-tokens must be at least 2")
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     if args.child == "write_hf":
         return write_transformers_dir(args.hf_dir)
     if args.child:
@@ -325,19 +342,27 @@ def main():
             print(f"writing the transformers copy of the GGUF to {args.hf_dir} ...", flush=True)
             subprocess.run([sys.executable, os.path.abspath(__file__), "--child", "write_hf",
                             "--hf-dir", args.hf_dir], check=True)
-    rows = {}
+    runs = []
     for implementation in selected:
         backends = args.backends.split(",") if implementation in KERAS else [None]
         for backend in backends:
             if backend == INDUCTOR and not implementation.startswith("keras_gemma"):
                 continue
+            runs.append((implementation, backend))
+    rounds = {key: [] for key in runs}
+    for number in range(args.rounds):
+        # Every other round in reverse order: the machine's memory speed drifts over minutes
+        # (see --rounds), and a row should not always run first or last.
+        for implementation, backend in runs if number % 2 == 0 else runs[::-1]:
             if implementation == "llama_cpp" and importlib.util.find_spec("llama_cpp") is None:
-                rows[(implementation, backend)] = {"skipped": "not installed"}
+                result = {"skipped": "not installed"}
             else:
-                rows[(implementation, backend)] = run_child(implementation, backend, args)
-            result = rows[(implementation, backend)]
+                result = run_child(implementation, backend, args)
+            rounds[(implementation, backend)].append(result)
             shown = {k: v for k, v in result.items() if not k.endswith("_ids")}
-            print(f"{LABELS[implementation]} {backend or ''}: {json.dumps(shown)}", flush=True)
+            print(f"round {number + 1}: {LABELS[implementation]} {backend or ''}: "
+                  f"{json.dumps(shown)}", flush=True)
+    rows = {key: best_round(results) for key, results in rounds.items()}
     report(rows, args)
 
 

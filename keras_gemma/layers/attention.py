@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_gemma.layers import torch_attention
 from keras_gemma.layers.decode_matmul import decode_matmul
 from keras_gemma.layers.decode_matmul import is_decode_step
 from keras_gemma.layers.initialization import initializer
@@ -343,12 +344,20 @@ class GemmaAttention(keras.layers.Layer):
     def _attend(self, query, key, value, attention_mask, training):
         """Attention output [batch, seq, kv_heads, groups, head_dim]."""
         groups = self.num_query_heads // self.num_key_value_heads
-        query = query * ops.cast(self.query_pre_attn_scalar**-0.5, query.dtype)
         batch, query_length = ops.shape(query)[0], ops.shape(query)[1]
         query = ops.reshape(
             query,
             (batch, query_length, self.num_key_value_heads, groups, self.head_dim),
         )
+        dropout_active = bool(training) and self.dropout > 0
+        if torch_attention.applies(
+            query, attention_mask, self.attention_logit_soft_cap, dropout_active
+        ):
+            return torch_attention.attend(
+                query, key, value, attention_mask, self.query_pre_attn_scalar**-0.5,
+                _MASKED_LOGIT,
+            )
+        query = query * ops.cast(self.query_pre_attn_scalar**-0.5, query.dtype)
         logits = ops.einsum("bqkgh,bskh->bkgqs", query, key)
         logits = ops.cast(logits, "float32")
         if self.attention_logit_soft_cap is not None:
