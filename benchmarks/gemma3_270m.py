@@ -38,6 +38,14 @@ compile); then each is timed `--repeats` times and the best is kept:
 
     decode tokens/s = (N - 1) / (t(N) - t(1));  prefill = t(1);  compile = warm-ups - best.
 
+With `--rounds R` every row runs R times, each in a fresh process, the rows in turn and every
+other round in reverse order, and the table shows each row's fastest round (with every
+round's decode figure). This machine's memory speed moves over minutes: one process decoding
+the 270M in float32 through the compiled torch step, weights untouched, went 57.1, 55.9, 40.9
+tok/s in three consecutive timings (2026-12-06); the two-thread torch products feel it most.
+One round per row can set a fast row against a slow moment; compare rows of one run, with
+rounds.
+
 Each process also reports its load time and peak RSS (ru_maxrss; the driver itself stays
 small, since a child's ru_maxrss starts at its parent's RSS). The script prints a table,
 the ratios keras_gemma / KerasHub, / transformers and / llama.cpp, and a warning line if the
@@ -261,10 +269,10 @@ def report(rows, args):
         if "error" in r or "skipped" in r:
             print(f"{name} {r.get('skipped') or 'ERROR: ' + r['error']}")
             continue
+        rounds = f"  rounds: {' '.join(map(str, r['rounds_decode']))}" if args.rounds > 1 else ""
         print(f"{name} {r['decode_tokens_per_second']:12.2f} {r['prefill_seconds']:9.3f} "
               f"{r['compile_seconds']:9.2f} {r['load_seconds']:7.1f} {r['peak_rss_gb']:7.2f} "
-              f"{r['wall_seconds']:7.1f}"
-              f"{'  rounds: ' + ' '.join(map(str, r['rounds_decode'])) if args.rounds > 1 else ''}")
+              f"{r['wall_seconds']:7.1f}{rounds}")
 
     ok = {key: r for key, r in rows.items() if "decode_tokens_per_second" in r}
     print()

@@ -171,3 +171,30 @@ def test_bfloat16_weights():
     np.testing.assert_array_equal(output["token_ids"], greedy["token_ids"])
     penalized = _generate(lm, ContrastiveSampler(k=4, alpha=0.6), prompt)
     assert not np.array_equal(penalized["token_ids"], greedy["token_ids"])
+
+
+def test_equal_scores_pick_the_lowest_token_id_as_greedy_does():
+    """16-bit logits tie often (the tiny bfloat16 model's two best logits were both
+    0.89453125 in one step): greedy's argmax takes the lowest id, and so must alpha=0."""
+    from conftest import to_numpy
+    from keras import ops
+
+    # 128 wide: torch's top_k then lists tied values highest id first (8 wide it did not).
+    logits = np.full((3, 128), -2.0, "float32")
+    logits[0, [6, 2]] = 1.5  # tied best
+    logits[1, [100, 1, 5]] = 0.75  # three tied best
+    logits[2, [3, 4]] = [0.5, 0.75]
+
+    def run(token_ids, caches, position):
+        return ops.ones((token_ids.shape[0], 1, 4)), caches
+
+    length, index = 5, 2
+    greedy = to_numpy(ops.argmax(logits, axis=-1))
+    for k in (3, 8):
+        tokens, _, _, _ = ContrastiveSampler(k=k, alpha=0.0).select_with_hidden(
+            logits, np.ones((3, 4), "float32"), run, np.zeros((3, length), "int32"), [],
+            np.int32(index), np.zeros((3, length), bool), np.zeros((3,), bool),
+            np.zeros((3, length, 4), "float32"), np.zeros(2, "int32"), (), 0,
+        )
+        np.testing.assert_array_equal(to_numpy(tokens)[:, index], greedy)
+    np.testing.assert_array_equal(greedy, [2, 1, 4])

@@ -99,8 +99,10 @@ class ContrastiveSampler(Sampler):
         )
         penalty = ops.max(_cosine_to_seen(candidate_hidden, history, index), axis=-1)
         score = (1.0 - self.alpha) * probabilities - self.alpha * penalty
-        best = ops.argmax(score, axis=-1)
-        token = ops.squeeze(ops.take_along_axis(candidates, best[:, None], axis=1), 1)
+        # Among equal scores the lowest token id, as greedy's argmax picks among equal
+        # logits (16-bit logits tie often); top_k's order of tied candidates is arbitrary.
+        best = ops.equal(score, ops.max(score, axis=-1, keepdims=True))
+        token = ops.min(ops.where(best, candidates, logits.shape[-1]), axis=-1)
         tokens, done = place_token(token, tokens, index, prompt_mask, done, stop_ids, pad_id)
         return tokens, caches, done, history
 

@@ -21,10 +21,18 @@ tok/s and peak RSS in one run of `benchmarks/gemma3_270m.py --backends jax,torch
 
 In an earlier run of the same code bar the recording's memory (below): float32 36.0 /
 28.8 / 41.2, bfloat16 55.7 / 40.0 / 83.2, int8 67.3 / 90.3 / 130.1, int4 35.7 / 91.1 /
-131.3, llama.cpp 94.9. float32 reads 1.07 GB a token, and its compiled step's speed is
-bimodal here: five runs (`--implementations keras_gemma --backends jax,inductor`, this
-table's included) gave JAX 36.0, 44.6, 36.7, 40.7, 39.5 and compiled 41.2, 41.4, 60.4,
-58.9, 39.8 tok/s: ahead in four, at ~40 or ~59 (not explained yet).
+131.3, llama.cpp 94.9. A later run with three interleaved rounds (`--rounds 3`, each row's
+best; every round's figure after it): float32 JAX 38.4 (38.4 36.8 36.4), traced 36.9 (36.9
+35.6 30.5), compiled 58.3 (58.3 56.4 38.6); bfloat16 JAX 57.5, traced 39.0, compiled 67.6.
+
+float32 reads 1.07 GB a token, and the compiled step runs it at ~40 or ~56-60 tok/s (43 or
+60-64 GB/s), switching while a process runs: one process, weights untouched, timed 57.1,
+55.9 and 40.9 in a row. Not the pages: torch's huge-page allocations
+(THP_MEM_ALLOC_ENABLE=1) gave 49 and 60 in two processes, and without them, weights copied
+into 2 MB pages (1.1 GB AnonHugePages) 60 and 44. What is left, as far as a guest can
+tell, is the memory throughput this virtual machine gets from its host at the time, which
+two threads streaming one product feel most (JAX's figures move less: 36-45). Hence rounds,
+interleaved, in the benchmark.
 
 In one run of `benchmarks/generate.py --backends jax,torch,inductor` (the tiny shape,
 2 layers, hidden 256): batch 1 JAX 8,980, torch traced 2,298, compiled 8,018 tok/s; batch 8
