@@ -115,7 +115,6 @@ class CompiledStep(TracedStep):
             return super()._record(flat_function, inputs)
         try:
             from torch._inductor.compile_fx import compile_fx
-            from torch._inductor.decomposition import select_decomp_table
             from torch.fx.experimental.proxy_tensor import make_fx
 
             with inductor_recording.on(), torch.no_grad():
@@ -129,11 +128,14 @@ class CompiledStep(TracedStep):
             for node in module.graph.nodes:
                 node.meta.pop("val", None)
                 node.meta.pop("tensor_meta", None)
-            with torch.no_grad():
-                program = compile_fx(
-                    module, list(inputs), config_patches={"cpp_wrapper": True},
-                    decompositions={**select_decomp_table(), **one_row_product.decompositions()},
-                )
+            one_row_product.register_with_inductor()
+            # Inductor keys its on-disk cache by the graph and, for tensors held in it (the
+            # packed int8/int4 weights), by their values read into Python lists: gigabytes
+            # for the 270M's. Such a step compiles afresh each time, as it always did.
+            cached = _constant_bytes(module) <= CACHED_CONSTANT_BYTES
+            with torch.no_grad(), _tracing_context():
+                program = compile_fx(module, list(inputs), config_patches={
+                    "cpp_wrapper": True, "fx_graph_cache": cached})
 
             def run(*arguments):
                 with torch.no_grad():
@@ -155,6 +157,30 @@ class CompiledStep(TracedStep):
         self._strides = [t.stride() for t in inputs]
         self._value_ids = [id(t) for t in inputs[:count]]
         return run
+
+
+# A step holding more bytes of tensors than this skips Inductor's on-disk cache (see _record).
+CACHED_CONSTANT_BYTES = 1 << 20
+
+
+def _constant_bytes(module):
+    import torch
+
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values()
+               if isinstance(t, torch.Tensor)) + sum(
+        t.numel() * t.element_size() for name, t in vars(module).items()
+        if isinstance(t, torch.Tensor))
+
+
+def _tracing_context():
+    """The context dynamo would give Inductor: a fake-tensor mode with a shape environment.
+    Without one Inductor bypasses its on-disk graph cache ("No shape env"), so every process
+    lowered and generated the whole step again (the 270M: ~20 of ~30 s a bucket)."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    return torch._guards.tracing(torch._guards.TracingContext(FakeTensorMode(shape_env=ShapeEnv())))
 
 
 def _layout(tensor):

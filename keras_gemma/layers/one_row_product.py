@@ -2,7 +2,8 @@
 
 In the Inductor-compiled decode step (generation/torch_compiled_step.py), a batch-1 product
 `x [1, in] @ W.T` with W [out, in] is recorded as the operator `keras_gemma::one_row_product`,
-which Inductor decomposes into `(x * W).sum(in)` (times the int8 scales, `as_reduction`)
+which Inductor decomposes into `(x * W).sum(in)` (times the int8 scales, `as_reduction`;
+`register_with_inductor`)
 and turns into one vectorized loop of its own that streams W once, both threads splitting
 the rows. That loop reads memory faster than the library kernels the traced step calls
 (measured on the 2-core AMD EPYC with AVX-512 of 2026-12-06, torch 2.13, 2 threads, ms per
@@ -85,11 +86,21 @@ def as_reduction(rows, kernel, scale=None):
 
 
 def decompositions():
-    """`{operator: as_reduction}`, for Inductor's `compile_fx(..., decompositions=...)`."""
+    """`{operator: as_reduction}`."""
     import torch
 
     _operator()  # registers the operator
     return {torch.ops.keras_gemma.one_row_product.default: as_reduction}
+
+
+def register_with_inductor():
+    """Adds `decompositions()` to Inductor's own table, which every Inductor compile reads
+    (it concerns only graphs holding this operator). Passing a table to `compile_fx`
+    instead works too, but makes Inductor bypass its on-disk graph cache: the table holds
+    functions it cannot key."""
+    from torch._inductor import decomposition
+
+    decomposition.decompositions.update(decompositions())
 
 
 # Kernel rows multiplied at a time when the operator runs eagerly (32 MB of float32 at 640
