@@ -162,3 +162,34 @@ def test_compiled_step_samples_as_the_traced_one(monkeypatch):
         assert step.compiled, "the step fell back to tracing"
     lm.compile(sampler=TopKSampler(k=5, seed=2))
     assert not np.array_equal(_generate(lm, True, monkeypatch), drawn[1]), "draws no randomness"
+
+
+@needs_compiler
+@pytest.mark.parametrize("mode", [None, "int8"])
+def test_a_second_model_of_the_same_shapes_compiles_from_inductors_cache(mode, monkeypatch):
+    """Inductor's on-disk cache serves a step recorded again (a new process, a new model of
+    the same shapes), and the cached program reads the new model's weights: float32
+    weights are its inputs; a small int8 model's packed constants are part of the key."""
+    models = []
+    for seed in (0, 1):
+        # Large weights: small ones leave the residual stream's last token to win every step
+        # (2, 7, 11, 11, 11, ... for any seed), which would not tell two models apart.
+        config = tiny_config(head_dim=32, hidden_dim=64, intermediate_dim=128,
+                             use_query_key_norm=True, use_post_attention_norm=True,
+                             use_post_ffw_norm=True)
+        lm = GemmaCausalLM(assign_random_weights(GemmaBackbone(**config), seed, std=2.0))
+        if mode:
+            lm.quantize(mode)
+        models.append(lm)
+    if BACKEND == "torch":
+        from torch._dynamo.utils import counters
+
+        counters.clear()
+    ids = [_generate(lm, True, monkeypatch) for lm in models]
+    traced = [_generate(lm, False, monkeypatch) for lm in models]
+    np.testing.assert_array_equal(ids[0], traced[0])
+    np.testing.assert_array_equal(ids[1], traced[1])
+    assert not np.array_equal(ids[0], ids[1]), "the two models' weights decode alike"
+    if BACKEND == "torch":
+        assert counters["inductor"]["fxgraph_cache_bypass"] == 0
+        assert counters["inductor"]["fxgraph_cache_hit"] >= 1

@@ -24,6 +24,11 @@ In an earlier run of the same code bar the recording's memory (below): float32 3
 131.3, llama.cpp 94.9. A later run with three interleaved rounds (`--rounds 3`, each row's
 best; every round's figure after it): float32 JAX 38.4 (38.4 36.8 36.4), traced 36.9 (36.9
 35.6 30.5), compiled 58.3 (58.3 56.4 38.6); bfloat16 JAX 57.5, traced 39.0, compiled 67.6.
+Once Inductor's disk cache served the float steps (two rounds): float32 JAX 43.1 (35.5
+43.1), traced 36.9, compiled 60.0 (60.0 55.5); bfloat16 JAX 58.1, traced 39.0, compiled
+82.9 (65.4 82.9); int8 JAX 61.2, traced 81.5, compiled 136.9; the benchmark's compile
+column (two buckets, warm-up calls less the timed ones): float32 9.1 s, bfloat16 10.8 s
+(was 30.4 and 35.5), int8 41 s.
 
 float32 reads 1.07 GB a token, and the compiled step runs it at ~40 or ~56-60 tok/s (43 or
 60-64 GB/s), switching while a process runs: one process, weights untouched, timed 57.1,
@@ -40,10 +45,13 @@ In one run of `benchmarks/generate.py --backends jax,torch,inductor` (the tiny s
 products; A/B in one process): 270M bfloat16 44.9 -> 67.7, int8 92.9 -> 131.8, int4
 102.9 -> 128.2, float32 30.5 -> 39.0; the tiny shape 4,567 -> 8,066 (and 3,458 with
 `torch.compile`'s dynamo in front). The cost is the compile, once per shape bucket and
-sampler, seconds for small models and about a minute for the 270M (Inductor keeps
-compiled code on disk, so a second process compiles faster; the recording runs the step
-once with real weights: +0.05-0.3 GB at the 270M's peak), which is why it is not the
-default. Set `KERAS_GEMMA_TORCH_COMPILE=1` before generating to use it.
+sampler: for the 270M in float32, ~2 s of recording plus 23-27 s of Inductor the first
+time on a machine, and 0.4-1.8 s of Inductor in any later process, whose step Inductor's
+on-disk cache serves (first `generate` of 64 tokens: 15.3 s before the cache served it,
+6.2 s after; the tiny shape 6 s cold). Steps holding packed int8/int4 weights are not
+cached (`_record`) and compile in full each time (the 270M: 30-106 s). The recording runs
+the step once with real weights (+0.05-0.3 GB at the 270M's peak). The first call's wait is
+why it is not the default. Set `KERAS_GEMMA_TORCH_COMPILE=1` before generating to use it.
 
 Inductor keeps a fused kernel's intermediate values in float32 where the traced step rounds
 each op's result to bfloat16 (and skips bfloat16 round trips), so a bfloat16 model's greedy
