@@ -172,12 +172,18 @@ CACHED_CONSTANT_BYTES = 1 << 20
 
 
 def _constant_bytes(module):
+    """Bytes of the tensors a recorded graph holds (its get_attr nodes' values)."""
+    import functools
+
     import torch
 
-    return sum(t.numel() * t.element_size() for t in module.state_dict().values()
-               if isinstance(t, torch.Tensor)) + sum(
-        t.numel() * t.element_size() for name, t in vars(module).items()
-        if isinstance(t, torch.Tensor))
+    total = 0
+    for node in module.graph.nodes:
+        if node.op == "get_attr":
+            value = functools.reduce(getattr, node.target.split("."), module)
+            if isinstance(value, torch.Tensor):
+                total += value.numel() * value.element_size()
+    return total
 
 
 def _tracing_context():
@@ -188,7 +194,8 @@ def _tracing_context():
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-    return torch._guards.tracing(torch._guards.TracingContext(FakeTensorMode(shape_env=ShapeEnv())))
+    context = torch._guards.TracingContext(FakeTensorMode(shape_env=ShapeEnv()))
+    return torch._guards.tracing(context)
 
 
 def _layout(tensor):
