@@ -32,17 +32,28 @@ Example:
 ...     output = torch_attention.attend(query, key, value, attention_mask, scale, -1e30)
 """
 
+import functools
+
 import keras
 
 
 def applies(query, attention_mask, soft_cap, dropout_active):
-    """Whether `attend` runs this call: torch, more than one query position, no soft-cap,
-    no dropout, a mask given."""
+    """Whether `attend` runs this call: torch 2.5 or later, more than one query position, no
+    soft-cap, no dropout, a mask given."""
     if keras.backend.backend() != "torch" or soft_cap is not None or dropout_active:
         return False
-    if attention_mask is None or len(query.shape) != 5:
+    if attention_mask is None or len(query.shape) != 5 or not _takes_key_value_groups():
         return False
     return query.shape[1] is not None and query.shape[1] > 1
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_key_value_groups():
+    """`scaled_dot_product_attention(..., enable_gqa=True)` came with torch 2.5."""
+    import torch
+
+    major, minor = (int(part) for part in torch.__version__.split(".")[:2])
+    return (major, minor) >= (2, 5)
 
 
 def attend(query, key, value, attention_mask, scale, masked_logit):
