@@ -29,12 +29,12 @@ needs_compiler = pytest.mark.skipif(
 )
 
 
-def _lm(seed=0, **overrides):
+def _lm(seed=0, std=2.0, **overrides):
     config = tiny_config(
         head_dim=32, hidden_dim=64, intermediate_dim=128, use_query_key_norm=True,
         use_post_attention_norm=True, use_post_ffw_norm=True, **overrides
     )
-    return GemmaCausalLM(assign_random_weights(GemmaBackbone(**config), seed))
+    return GemmaCausalLM(assign_random_weights(GemmaBackbone(**config), seed, std=std))
 
 
 def _generate(lm, compiled, monkeypatch, prompts=None):
