@@ -41,14 +41,17 @@ def test_applies_only_on_torch_to_several_positions_without_soft_cap_or_dropout(
 def test_fused_attention_equals_numpy_with_windows_padding_and_masked_rows():
     if BACKEND != "torch":
         pytest.skip("torch's scaled_dot_product_attention")
+    import torch
+
     query, key, value = _inputs()
     padding = np.array([[1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]], "int32")
     mask = to_numpy(compute_attention_mask(6, 6, padding_mask=padding, sliding_window_size=3))
     mask[1, 0] = False  # a query that sees no key: uniform over all of them, as the einsums
     shaped = keras.ops.expand_dims(keras.ops.convert_to_tensor(mask), (1, 2))
     for given in (keras.ops.convert_to_tensor(mask), shaped):
+        additive = torch_attention.additive_mask(given, torch.float32, -1e30)
         output = torch_attention.attend(
-            *(keras.ops.convert_to_tensor(x) for x in (query, key, value)), given, 0.3, -1e30)
+            *(keras.ops.convert_to_tensor(x) for x in (query, key, value)), additive, 0.3)
         expected = _numpy_attention(query, key, value, mask, 0.3)
         np.testing.assert_allclose(to_numpy(output), expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(expected[1, 0], value[1].mean(0)[:, None].repeat(3, 1), atol=1e-6)
@@ -76,3 +79,28 @@ def test_layer_with_a_cache_equals_its_einsum_path(monkeypatch, soft_cap):
     plain = run()
     for a, b in zip(fused, plain):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_a_cached_call_derives_each_mask_once_for_all_blocks(monkeypatch):
+    """CachePositions.derived makes a thing once per source tensor; the fused path converts
+    the call's boolean mask once for every block (torch; elsewhere nothing converts)."""
+    from keras_gemma import GemmaBackbone, GemmaCausalLM
+    from keras_gemma.layers.attention import CachePositions
+
+    positions = CachePositions(3, 5)
+    mask = positions.attention_mask()
+    made = []
+    for source in (mask, mask, positions.attention_mask(sliding_window_size=2)):
+        positions.derived(source, "kind", lambda m: made.append(m) or len(made))
+    assert len(made) == 2 and made[0] is mask
+
+    conversions = []
+    additive_mask = torch_attention.additive_mask
+    monkeypatch.setattr(torch_attention, "additive_mask",
+                        lambda *a: conversions.append(1) or additive_mask(*a))
+    from conftest import tiny_config
+
+    lm = GemmaCausalLM(GemmaBackbone(**tiny_config(num_layers=3)))
+    caches = [keras.ops.zeros((1, 2, 8, 2, 8)) for _ in range(3)]
+    lm.hidden_with_cache(keras.ops.ones((1, 6), "int32"), caches, 0)
+    assert len(conversions) == (1 if BACKEND == "torch" else 0)
